@@ -1,0 +1,32 @@
+//! The live bus: how message-svc hands committed events to the gateway nodes that
+//! hold the recipients' devices.
+//!
+//! The embedded mode delivers in process (the gateway's connection hub implements
+//! [`LiveBus`]); the distributed mode will publish on each node's NATS subject.
+//! Publishing never blocks and never buffers without bound: a device that cannot
+//! keep up is disconnected and resumes from its cursor.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use confab_proto::v1::Event;
+
+/// One event of one user's sequence, on its way to that user's live devices.
+#[derive(Debug)]
+pub struct LiveEvent {
+    /// The user whose sequence holds the event.
+    pub user_id: i64,
+    /// The event, with its sequence number.
+    pub event: Event,
+    /// Device that caused the event; it gets the event too (its cursor must not
+    /// skip a number), but the send-to-deliver latency excludes it.
+    pub origin_device: Option<String>,
+    /// When the send path accepted the message, for the send-to-deliver metric.
+    pub accepted_at: Instant,
+}
+
+/// Delivers committed events to live devices.
+pub trait LiveBus: Send + Sync + std::fmt::Debug + 'static {
+    /// Hands over events, in sequence order per user. Must not block.
+    fn publish(&self, events: &[Arc<LiveEvent>]);
+}

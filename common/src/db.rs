@@ -1,0 +1,49 @@
+//! Opening SQLite databases the way Confab needs them.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+/// Returns the connect options for the SQLite file at `path`: WAL journal, so that
+/// readers never wait for the writer, and `synchronous = FULL`, so that a commit
+/// returns only once its WAL frames are flushed to disk (a commit survives a power
+/// loss; DESIGN.md section 4).
+pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true)
+        .pragma("temp_store", "memory")
+}
+
+/// Opens (creating if needed) a pool on the SQLite file at `path`.
+///
+/// # Errors
+///
+/// Fails when the file cannot be opened or created.
+pub async fn open_sqlite(path: &Path, max_connections: u32) -> Result<SqlitePool, sqlx::Error> {
+    SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .connect_with(sqlite_options(path))
+        .await
+}
+
+/// Opens an in-memory database, for unit tests.
+///
+/// # Errors
+///
+/// Fails when SQLite cannot allocate the database.
+pub async fn open_sqlite_memory() -> Result<SqlitePool, sqlx::Error> {
+    // One connection: every connection to ":memory:" is a database of its own.
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true))
+        .await
+}

@@ -1,0 +1,249 @@
+//! `confab serve`: composes the roles into one process.
+//!
+//! The embedded mode (the only one so far) runs every role here: group-svc and
+//! message-svc on SQLite files in the data directory, session-svc in memory, and
+//! the gateway on the one listening port. The services call each other through
+//! their generated gRPC clients over in-process channels.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use confab_common::auth::{ExternalIssuer, TokenService};
+use confab_common::bus::LiveBus;
+use confab_common::channel::in_process;
+use confab_gateway::{Gateway, GatewayConfig, Hub};
+use confab_group_svc::GroupService;
+use confab_message_svc::{MessageConfig, MessageService};
+use confab_proto::group::v1::groups_client::GroupsClient;
+use confab_proto::group::v1::groups_server::GroupsServer;
+use confab_proto::message::v1::messages_client::MessagesClient;
+use confab_proto::message::v1::messages_server::MessagesServer;
+use confab_proto::session::v1::AcquireNodeIdRequest;
+use confab_proto::session::v1::sessions_client::SessionsClient;
+use confab_proto::session::v1::sessions_server::SessionsServer;
+use confab_session_svc::SessionService;
+
+/// Exit status for a configuration that cannot be used (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Arguments of `confab serve`; every one also reads a `CONFAB_*` variable.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Address of the one listener: gRPC, WebSocket (/v1/ws), /metrics, /healthz.
+    #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:7600")]
+    listen: SocketAddr,
+    /// Directory of the SQLite files and the token secret; created if missing.
+    #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
+    data_dir: PathBuf,
+    /// Name of this gateway node in the device registry.
+    #[arg(long, env = "CONFAB_NODE", default_value = "local")]
+    node: String,
+    /// Largest message text, in bytes.
+    #[arg(long, env = "CONFAB_MAX_TEXT_BYTES", default_value_t = 16 * 1024)]
+    max_text_bytes: usize,
+    /// Largest client frame (WebSocket message, gRPC message), in bytes.
+    #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    max_frame_bytes: usize,
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, env = "CONFAB_ACCESS_TTL_SECS", default_value_t = 15 * 60)]
+    access_ttl_secs: u64,
+    /// Lifetime of refresh tokens, in seconds.
+    #[arg(long, env = "CONFAB_REFRESH_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    refresh_ttl_secs: u64,
+    /// Secret that signs Confab's tokens; generated and kept in the data
+    /// directory (`jwt-secret`) when not given.
+    #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Also accept HS256 tokens of an external identity provider signed with this
+    /// secret; their `sub` names the user.
+    #[arg(long, env = "CONFAB_EXTERNAL_JWT_SECRET", hide_env_values = true)]
+    external_jwt_secret: Option<String>,
+    /// Also accept tokens signed by the holder of this PEM public key (RSA: RS256,
+    /// EC P-256: ES256, Ed25519: EdDSA).
+    #[arg(long, env = "CONFAB_EXTERNAL_JWT_PUBLIC_KEY")]
+    external_jwt_public_key: Option<PathBuf>,
+    /// Required `iss` of external tokens.
+    #[arg(long, env = "CONFAB_EXTERNAL_JWT_ISSUER")]
+    external_jwt_issuer: Option<String>,
+    /// Required `aud` of external tokens.
+    #[arg(long, env = "CONFAB_EXTERNAL_JWT_AUDIENCE")]
+    external_jwt_audience: Option<String>,
+    /// How long shutdown waits for connections and calls to finish, in seconds.
+    #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    confab_common::telemetry::init_tracing();
+    if let Err(problem) = validate(&args) {
+        eprintln!("confab: bad configuration: {problem}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let tokens = match token_service(&args) {
+        Ok(tokens) => tokens,
+        Err(problem) => {
+            eprintln!("confab: bad configuration: {problem:#}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let metrics = confab_common::telemetry::init_metrics().ok();
+
+    let sessions = SessionsClient::new(in_process(SessionsServer::new(SessionService::new())));
+    let node_id = sessions
+        .clone()
+        .acquire_node_id(AcquireNodeIdRequest {
+            holder: args.node.clone(),
+        })
+        .await
+        .context("cannot lease a node id")?
+        .into_inner()
+        .node_id;
+    let node_id = u16::try_from(node_id).context("node id out of range")?;
+
+    let group_service = GroupService::open_sqlite(&args.data_dir.join("meta.db"), node_id)
+        .await
+        .context("cannot open the metadata store")?;
+    let groups = GroupsClient::new(in_process(GroupsServer::new(group_service)));
+
+    let hub = Arc::new(Hub::new());
+    let message_config = MessageConfig {
+        db_path: args.data_dir.join("messages.db"),
+        node_id,
+        max_text_bytes: args.max_text_bytes,
+        ..MessageConfig::default()
+    };
+    let bus: Arc<dyn LiveBus> = hub.clone();
+    let message_service = MessageService::open(message_config, groups.clone(), bus)
+        .await
+        .context("cannot open the message store")?;
+    let messages = MessagesClient::new(in_process(MessagesServer::new(message_service.clone())));
+
+    let gateway = Gateway {
+        config: GatewayConfig {
+            node: args.node.clone(),
+            max_frame_bytes: args.max_frame_bytes,
+            grace: Duration::from_secs(args.shutdown_grace_secs),
+            ..GatewayConfig::default()
+        },
+        tokens,
+        groups,
+        messages,
+        sessions,
+        hub,
+        metrics,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read the bound address (port 0 picks a free one) here.
+    println!("confab listening on {local}");
+    tracing::info!(%local, data_dir = %args.data_dir.display(), "confab serving");
+
+    confab_gateway::serve(listener, gateway, shutdown_signal()).await?;
+    // The edge is closed: commit and acknowledge what is queued, then stop.
+    message_service.shutdown().await;
+    tracing::info!("confab stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: &ServeArgs) -> Result<(), String> {
+    if args.max_text_bytes == 0 {
+        return Err("--max-text-bytes must be positive".into());
+    }
+    if args.max_frame_bytes < args.max_text_bytes + 1024 {
+        return Err(format!(
+            "--max-frame-bytes ({}) must exceed --max-text-bytes ({}) by at least 1024",
+            args.max_frame_bytes, args.max_text_bytes
+        ));
+    }
+    if args.access_ttl_secs == 0 || args.refresh_ttl_secs < args.access_ttl_secs {
+        return Err("token lifetimes must be positive, refresh at least as long as access".into());
+    }
+    if args.external_jwt_secret.is_some() && args.external_jwt_public_key.is_some() {
+        return Err("give one of --external-jwt-secret and --external-jwt-public-key".into());
+    }
+    if args.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+        return Err("--jwt-secret must be at least 16 bytes".into());
+    }
+    Ok(())
+}
+
+fn token_service(args: &ServeArgs) -> anyhow::Result<TokenService> {
+    let secret = match &args.jwt_secret {
+        Some(secret) => secret.as_bytes().to_vec(),
+        None => stored_secret(&args.data_dir.join("jwt-secret"))?,
+    };
+    let tokens = TokenService::new(
+        &secret,
+        Duration::from_secs(args.access_ttl_secs),
+        Duration::from_secs(args.refresh_ttl_secs),
+    )?;
+    let issuer = args.external_jwt_issuer.as_deref();
+    let audience = args.external_jwt_audience.as_deref();
+    let external = if let Some(secret) = &args.external_jwt_secret {
+        Some(ExternalIssuer::shared_secret(
+            secret.as_bytes(),
+            issuer,
+            audience,
+        )?)
+    } else if let Some(path) = &args.external_jwt_public_key {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Some(ExternalIssuer::public_key(&pem, issuer, audience)?)
+    } else {
+        None
+    };
+    Ok(match external {
+        Some(external) => tokens.with_external(external),
+        None => tokens,
+    })
+}
+
+/// Returns the secret kept at `path`, creating it (32 random bytes, hex, readable
+/// by the owner only) on first start, so that tokens survive restarts.
+fn stored_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        return Ok(secret.trim().as_bytes().to_vec());
+    }
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    Ok(secret.into_bytes())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

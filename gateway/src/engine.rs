@@ -1,0 +1,412 @@
+//! The connection engine both live transports share.
+//!
+//! A connection's life: the first frame must be a `Hello` (device id, cursor, and
+//! the token when the transport could not carry one); the device registers with
+//! the hub *before* catch-up starts, so every event committed from then on is
+//! queued live; catch-up sends the stored events after the cursor; then the live
+//! queue is drained, skipping what catch-up already sent. The two join without a
+//! gap or a duplicate (DESIGN.md section 5, invariant 4).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use confab_common::bus::LiveEvent;
+use confab_proto::message::v1::{SendRequest, SendResponse, SyncRequest};
+use confab_proto::session::v1::{RegisterDeviceRequest, UnregisterDeviceRequest};
+use confab_proto::v1::{
+    ClientFrame, Error as ErrorFrame, Hello, Pong, SendAck, SendMessage, ServerFrame, SyncComplete,
+    Welcome, client_frame, server_frame,
+};
+use futures::{Stream, StreamExt as _};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use crate::Gateway;
+use crate::hub::Kicked;
+
+/// Events read per catch-up page.
+const SYNC_PAGE: u32 = 500;
+
+/// What a transport hands the engine.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// A decoded frame.
+    Frame(ClientFrame),
+    /// A frame that could not be decoded; answered with an error, not fatal.
+    Malformed(String),
+    /// A frame over the size limit; the transport closes after it.
+    TooLarge,
+}
+
+/// Where the engine writes frames; each transport encodes its own way.
+pub(crate) trait FrameSink: Send {
+    /// Writes one frame; fails once the peer is gone.
+    fn send(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client closed its side.
+    ClientClosed,
+    /// The peer stopped reading or the socket failed.
+    SinkClosed,
+    /// No valid `Hello` first, or no valid token.
+    Refused,
+    /// A frame over the size limit.
+    TooLarge,
+    /// The device fell behind its live queue; it resumes from its cursor.
+    SlowConsumer,
+    /// A newer connection of the same device took over.
+    Replaced,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Runs one connection until it ends. `user_id` is set when the transport
+/// authenticated already (header or metadata); otherwise the `Hello` carries the
+/// token.
+pub(crate) async fn run<I, S>(
+    gateway: Arc<Gateway>,
+    closing: CancellationToken,
+    user_id: Option<i64>,
+    mut inbound: I,
+    sink: &mut S,
+) -> End
+where
+    I: Stream<Item = Inbound> + Unpin + Send,
+    S: FrameSink,
+{
+    let hello = tokio::select! {
+        first = tokio::time::timeout(gateway.config.hello_timeout, inbound.next()) => first,
+        () = closing.cancelled() => return End::Shutdown,
+    };
+    let (reference, hello) = match hello {
+        Ok(Some(Inbound::Frame(ClientFrame {
+            r#ref,
+            kind: Some(client_frame::Kind::Hello(hello)),
+        }))) => (r#ref, hello),
+        Ok(Some(Inbound::TooLarge)) => return End::TooLarge,
+        Ok(None) => return End::ClientClosed,
+        Ok(Some(_)) | Err(_) => {
+            let status = Status::invalid_argument("the first frame must be a hello");
+            let _ = sink.send(error_frame(0, &status, true)).await;
+            return End::Refused;
+        }
+    };
+    let user_id = match user_id {
+        Some(id) => id,
+        None => match crate::auth::user_id(&gateway.tokens, &gateway.groups, &hello.token).await {
+            Ok(id) => id,
+            Err(status) => {
+                let _ = sink.send(error_frame(reference, &status, true)).await;
+                return End::Refused;
+            }
+        },
+    };
+    if let Err(status) = check_device_id(&hello) {
+        let _ = sink.send(error_frame(reference, &status, true)).await;
+        return End::Refused;
+    }
+
+    let registration = gateway
+        .hub
+        .register(user_id, &hello.device_id, gateway.config.live_queue);
+    metrics::gauge!("confab_gateway_connections").increment(1.0);
+    let session = Session {
+        gateway: gateway.clone(),
+        user_id,
+        device_id: hello.device_id.clone(),
+        connection_id: registration.connection_id,
+    };
+    session.announce().await;
+    let end = session
+        .serve(
+            closing,
+            reference,
+            hello.cursor,
+            registration,
+            &mut inbound,
+            sink,
+        )
+        .await;
+    session.retire().await;
+    metrics::gauge!("confab_gateway_connections").decrement(1.0);
+    end
+}
+
+/// One authenticated device connection.
+struct Session {
+    gateway: Arc<Gateway>,
+    user_id: i64,
+    device_id: String,
+    connection_id: u64,
+}
+
+impl Session {
+    async fn serve<I, S>(
+        &self,
+        closing: CancellationToken,
+        reference: u64,
+        cursor: u64,
+        mut registration: crate::hub::Registration,
+        inbound: &mut I,
+        sink: &mut S,
+    ) -> End
+    where
+        I: Stream<Item = Inbound> + Unpin + Send,
+        S: FrameSink,
+    {
+        let welcome = server_frame::Kind::Welcome(Welcome {
+            user_id: self.user_id,
+            device_id: self.device_id.clone(),
+        });
+        if sink.send(frame(reference, welcome)).await.is_err() {
+            return End::SinkClosed;
+        }
+        let mut last_sent = match self.catch_up(cursor, sink).await {
+            Ok(last) => last,
+            Err(end) => return end,
+        };
+        let synced = server_frame::Kind::Synced(SyncComplete { seq: last_sent });
+        if sink.send(frame(0, synced)).await.is_err() {
+            return End::SinkClosed;
+        }
+
+        loop {
+            tokio::select! {
+                biased;
+                () = closing.cancelled() => {
+                    let status = Status::unavailable("server shutting down; reconnect with your cursor");
+                    let _ = sink.send(error_frame(0, &status, true)).await;
+                    return End::Shutdown;
+                }
+                live = registration.events.recv() => {
+                    let Some(live) = live else {
+                        return self.kicked(&registration, sink).await;
+                    };
+                    // Catch-up may have sent it already: the join of the two is by seq.
+                    if live.event.seq <= last_sent {
+                        continue;
+                    }
+                    last_sent = live.event.seq;
+                    self.observe_latency(&live);
+                    let event = server_frame::Kind::Event(live.event.clone());
+                    if sink.send(frame(0, event)).await.is_err() {
+                        return End::SinkClosed;
+                    }
+                }
+                incoming = inbound.next() => {
+                    let reply = match incoming {
+                        None => return End::ClientClosed,
+                        Some(Inbound::TooLarge) => return End::TooLarge,
+                        Some(Inbound::Malformed(why)) => {
+                            let status = Status::invalid_argument(format!("malformed frame: {why}"));
+                            Some(error_frame_reason(0, &status, "malformed", false))
+                        }
+                        Some(Inbound::Frame(client)) => self.handle(client).await,
+                    };
+                    if let Some(reply) = reply
+                        && sink.send(reply).await.is_err()
+                    {
+                        return End::SinkClosed;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every stored event after `cursor`; returns the last seq sent.
+    async fn catch_up<S: FrameSink>(&self, cursor: u64, sink: &mut S) -> Result<u64, End> {
+        let mut after = cursor;
+        loop {
+            let request = SyncRequest {
+                user_id: self.user_id,
+                after,
+                limit: SYNC_PAGE,
+            };
+            let page = match self.gateway.messages.clone().sync(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) => {
+                    tracing::warn!(user_id = self.user_id, %status, "catch-up failed");
+                    let _ = sink.send(error_frame(0, &status, true)).await;
+                    return Err(End::SinkClosed);
+                }
+            };
+            for event in page.events {
+                after = event.seq;
+                let event = server_frame::Kind::Event(event);
+                if sink.send(frame(0, event)).await.is_err() {
+                    return Err(End::SinkClosed);
+                }
+            }
+            if !page.has_more {
+                return Ok(after);
+            }
+        }
+    }
+
+    /// Answers one client frame after the hello.
+    async fn handle(&self, client: ClientFrame) -> Option<ServerFrame> {
+        let reference = client.r#ref;
+        match client.kind {
+            Some(client_frame::Kind::Send(send)) => Some(self.send(reference, send).await),
+            Some(client_frame::Kind::Ping(ping)) => Some(frame(
+                reference,
+                server_frame::Kind::Pong(Pong { nonce: ping.nonce }),
+            )),
+            Some(client_frame::Kind::Hello(_)) => {
+                let status = Status::invalid_argument("hello was sent already");
+                Some(error_frame(reference, &status, false))
+            }
+            None => {
+                let status = Status::invalid_argument("empty frame");
+                Some(error_frame_reason(reference, &status, "malformed", false))
+            }
+        }
+    }
+
+    async fn send(&self, reference: u64, send: SendMessage) -> ServerFrame {
+        let request = SendRequest {
+            sender_id: self.user_id,
+            sender_device: self.device_id.clone(),
+            conversation_id: send.conversation_id,
+            client_msg_id: send.client_msg_id,
+            text: send.text,
+        };
+        match self.gateway.messages.clone().send(request).await {
+            Ok(response) => frame(
+                reference,
+                server_frame::Kind::Sent(send_ack(response.into_inner())),
+            ),
+            Err(status) => error_frame(reference, &status, false),
+        }
+    }
+
+    async fn kicked<S: FrameSink>(
+        &self,
+        registration: &crate::hub::Registration,
+        sink: &mut S,
+    ) -> End {
+        let (status, end) = match registration.kicked.get() {
+            Some(Kicked::Replaced) => (
+                Status::aborted("replaced by a newer connection of this device"),
+                End::Replaced,
+            ),
+            _ => (
+                Status::resource_exhausted("too slow to keep up; reconnect with your cursor"),
+                End::SlowConsumer,
+            ),
+        };
+        let reason = match end {
+            End::Replaced => "replaced",
+            _ => "slow_consumer",
+        };
+        let _ = sink
+            .send(error_frame_reason(0, &status, reason, true))
+            .await;
+        end
+    }
+
+    fn observe_latency(&self, live: &LiveEvent) {
+        if live.origin_device.as_deref() != Some(self.device_id.as_str()) {
+            metrics::histogram!("confab_delivery_latency_seconds")
+                .record(live.accepted_at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Tells session-svc that this node holds the device.
+    async fn announce(&self) {
+        let request = RegisterDeviceRequest {
+            user_id: self.user_id,
+            device_id: self.device_id.clone(),
+            node: self.gateway.config.node.clone(),
+            connection_id: self.connection_id,
+        };
+        if let Err(status) = self.gateway.sessions.clone().register_device(request).await {
+            tracing::warn!(user_id = self.user_id, %status, "device registration failed");
+        }
+    }
+
+    /// Leaves the hub and session-svc.
+    async fn retire(&self) {
+        self.gateway
+            .hub
+            .unregister(self.user_id, self.connection_id);
+        let request = UnregisterDeviceRequest {
+            user_id: self.user_id,
+            device_id: self.device_id.clone(),
+            node: self.gateway.config.node.clone(),
+            connection_id: self.connection_id,
+        };
+        if let Err(status) = self
+            .gateway
+            .sessions
+            .clone()
+            .unregister_device(request)
+            .await
+        {
+            tracing::warn!(user_id = self.user_id, %status, "device unregistration failed");
+        }
+    }
+}
+
+/// Returns the *sent* acknowledgement of a stored (or deduplicated) message.
+pub(crate) fn send_ack(response: SendResponse) -> SendAck {
+    let message = response.message.unwrap_or_default();
+    SendAck {
+        message_id: message.id,
+        conversation_id: message.conversation_id,
+        client_msg_id: message.client_msg_id,
+        sent_at_ms: message.sent_at_ms,
+        duplicate: response.duplicate,
+    }
+}
+
+fn check_device_id(hello: &Hello) -> Result<(), Status> {
+    let len = hello.device_id.chars().count();
+    if !(1..=64).contains(&len) || hello.device_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "device_id must be 1-64 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+fn frame(reference: u64, kind: server_frame::Kind) -> ServerFrame {
+    ServerFrame {
+        r#ref: reference,
+        kind: Some(kind),
+    }
+}
+
+/// Returns the machine-readable reason of a status code.
+pub(crate) fn reason(code: Code) -> &'static str {
+    match code {
+        Code::NotFound => "not_found",
+        Code::ResourceExhausted => "too_large",
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => "bad_request",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission_denied",
+        Code::AlreadyExists => "already_exists",
+        Code::Unavailable => "unavailable",
+        Code::Aborted => "aborted",
+        _ => "internal",
+    }
+}
+
+fn error_frame(reference: u64, status: &Status, fatal: bool) -> ServerFrame {
+    error_frame_reason(reference, status, reason(status.code()), fatal)
+}
+
+fn error_frame_reason(reference: u64, status: &Status, reason: &str, fatal: bool) -> ServerFrame {
+    frame(
+        reference,
+        server_frame::Kind::Error(ErrorFrame {
+            code: status.code() as i32,
+            reason: reason.to_owned(),
+            message: status.message().to_owned(),
+            fatal,
+        }),
+    )
+}

@@ -1,0 +1,80 @@
+//! The one router behind the listener: native gRPC (h2c), WebSocket, `/metrics`
+//! and `/healthz`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use confab_proto::v1::accounts_server::AccountsServer;
+use confab_proto::v1::conversations_server::ConversationsServer;
+use confab_proto::v1::edge_server::EdgeServer;
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+
+use crate::grpc::EdgeApi;
+use crate::{Gateway, GatewayError};
+
+/// What the HTTP handlers share.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) gateway: Arc<Gateway>,
+    /// Cancelled when the server shuts down; live connections end on it.
+    pub(crate) closing: CancellationToken,
+}
+
+/// Flips every edge service to NOT_SERVING on shutdown, so that load balancers
+/// stop sending new connections before the old ones are closed.
+#[derive(Debug)]
+pub(crate) struct Health(HealthReporter);
+
+impl Health {
+    pub(crate) async fn set_not_serving(&self) {
+        self.0.set_not_serving::<EdgeServer<EdgeApi>>().await;
+        self.0.set_not_serving::<AccountsServer<EdgeApi>>().await;
+        self.0
+            .set_not_serving::<ConversationsServer<EdgeApi>>()
+            .await;
+        self.0
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Builds the router and the health reporter.
+pub(crate) fn router(
+    gateway: Arc<Gateway>,
+    closing: CancellationToken,
+) -> Result<(Router, Health), GatewayError> {
+    let api = EdgeApi::new(gateway.clone(), closing.clone());
+    let max = gateway.config.max_frame_bytes;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    // Every service starts SERVING: the stores are open before the listener is.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(confab_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let grpc =
+        tonic::service::Routes::new(EdgeServer::new(api.clone()).max_decoding_message_size(max))
+            .add_service(AccountsServer::new(api.clone()).max_decoding_message_size(max))
+            .add_service(ConversationsServer::new(api).max_decoding_message_size(max))
+            .add_service(health_service)
+            .add_service(reflection)
+            .into_axum_router();
+    let state = AppState { gateway, closing };
+    let http = Router::new()
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state);
+    Ok((grpc.merge(http), Health(reporter)))
+}
+
+async fn metrics(State(state): State<AppState>) -> String {
+    state
+        .gateway
+        .metrics
+        .as_ref()
+        .map(|handle| handle.render())
+        .unwrap_or_default()
+}

@@ -1,0 +1,121 @@
+//! The edge of Confab: one listener for native gRPC (h2c), WebSocket, `/metrics`
+//! and health, with one connection engine behind both live transports.
+//!
+//! - [`hub`]: the live devices held by this node; implements the live bus.
+//! - `auth`: bearer tokens to user ids.
+//! - `error`: why the gateway stopped.
+//! - `engine`: the connection engine both transports share (hello, catch-up
+//!   from the cursor, live events, sends).
+//! - `ws`: the WebSocket transport (binary protobuf or proto3 JSON text frames).
+//! - `json`: the proto3 JSON mapping of frames.
+//! - `grpc`: the gRPC edge services (`Edge`, `Accounts`, `Conversations`).
+//! - `http`: the router that puts everything on one port, `/metrics`, `/healthz`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_common::auth::TokenService;
+use confab_common::channel::GrpcChannel;
+use confab_proto::group::v1::groups_client::GroupsClient;
+use confab_proto::message::v1::messages_client::MessagesClient;
+use confab_proto::session::v1::sessions_client::SessionsClient;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+mod auth;
+mod engine;
+mod error;
+mod grpc;
+mod http;
+pub mod hub;
+mod json;
+mod ws;
+
+pub use error::GatewayError;
+pub use hub::Hub;
+
+/// Limits and names of one gateway node.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This node's name, under which session-svc records the devices it holds.
+    pub node: String,
+    /// Largest client frame accepted, in bytes (WebSocket message, gRPC message).
+    pub max_frame_bytes: usize,
+    /// Live events queued for one device before it counts as too slow and is
+    /// disconnected (it resumes from its cursor).
+    pub live_queue: usize,
+    /// Frames queued towards one gRPC stream before the engine waits.
+    pub outbound_queue: usize,
+    /// How long a new connection may take to send its `Hello`.
+    pub hello_timeout: Duration,
+    /// How long shutdown waits for connections to close.
+    pub grace: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            node: "local".to_owned(),
+            max_frame_bytes: 64 * 1024,
+            live_queue: 1024,
+            outbound_queue: 64,
+            hello_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a gateway node needs: its limits and the clients of the services
+/// behind it.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Limits and names.
+    pub config: GatewayConfig,
+    /// Mints and verifies bearer tokens.
+    pub tokens: TokenService,
+    /// Users, conversations, membership.
+    pub groups: GroupsClient<GrpcChannel>,
+    /// Sends, history, sync.
+    pub messages: MessagesClient<GrpcChannel>,
+    /// The device registry.
+    pub sessions: SessionsClient<GrpcChannel>,
+    /// The live devices of this node; message-svc publishes into it.
+    pub hub: Arc<Hub>,
+    /// Renders `/metrics`; `None` serves an empty page.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the edge on `listener` until `shutdown` resolves, then closes every live
+/// connection (with a close frame or a final status) and drains in-flight calls
+/// under the configured grace period.
+///
+/// # Errors
+///
+/// Fails when the listener fails or the reflection service cannot be built.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    let grace = gateway.config.grace;
+    let closing = CancellationToken::new();
+    let (router, health) = http::router(Arc::new(gateway), closing.clone())?;
+    let stop_accepting = closing.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        health.set_not_serving().await;
+        // Live connections end on this token; axum then waits for them to close.
+        stop_accepting.cancel();
+    });
+    let server = tokio::spawn(server.into_future());
+    let result = tokio::select! {
+        joined = server => joined.map_err(std::io::Error::other)?,
+        () = async { closing.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period");
+            Ok(())
+        }
+    };
+    result.map_err(Into::into)
+}

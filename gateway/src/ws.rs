@@ -1,0 +1,160 @@
+//! The WebSocket transport: `GET /v1/ws`.
+//!
+//! Binary frames carry protobuf `ClientFrame` / `ServerFrame`; text frames carry
+//! their proto3 JSON mapping. The server answers in the format of the client's
+//! latest frame. The token comes in the `Authorization: Bearer` header or the
+//! `access_token` query parameter (refused with 401 before the upgrade), or, when
+//! neither is present, in the `Hello`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use confab_proto::v1::{ClientFrame, ServerFrame};
+use futures::stream::SplitSink;
+use futures::{SinkExt as _, StreamExt as _};
+use prost::Message as _;
+
+use crate::engine::{self, End, FrameSink, Inbound};
+use crate::http::AppState;
+
+/// Per-connection read buffer. tungstenite's default is 128 KiB per connection,
+/// which would dominate the memory of idle connections; frames larger than this
+/// still arrive, the buffer grows for them.
+const READ_BUFFER: usize = 8 * 1024;
+/// Per-connection write buffer before a flush is forced.
+const WRITE_BUFFER: usize = 8 * 1024;
+
+/// Upgrades to a WebSocket after checking a token given at the upgrade.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let header_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::auth::bearer);
+    let token = header_token.or_else(|| query.get("access_token").map(String::as_str));
+    let user_id = match token {
+        Some(token) => {
+            let gateway = &state.gateway;
+            match crate::auth::user_id(&gateway.tokens, &gateway.groups, token).await {
+                Ok(id) => Some(id),
+                Err(status) => {
+                    return (StatusCode::UNAUTHORIZED, status.message().to_owned()).into_response();
+                }
+            }
+        }
+        None => None,
+    };
+    let max = state.gateway.config.max_frame_bytes;
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER.max(max) * 4)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| connection(state, user_id, socket))
+}
+
+async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    // The format of the client's latest data frame; the replies follow it.
+    let text = Arc::new(AtomicBool::new(false));
+    let inbound = {
+        let text = text.clone();
+        stream
+            .map(move |message| decode(message, &text))
+            .take_while(|step| std::future::ready(!matches!(step, Step::Stop)))
+            .filter_map(|step| {
+                std::future::ready(match step {
+                    Step::Yield(inbound) => Some(inbound),
+                    Step::Skip | Step::Stop => None,
+                })
+            })
+            .boxed()
+    };
+    let mut sink = WsSink { sink, text };
+    let end = engine::run(state.gateway, state.closing, user_id, inbound, &mut sink).await;
+    let (code, reason) = match end {
+        End::ClientClosed | End::SinkClosed => (close_code::NORMAL, ""),
+        End::Refused => (close_code::POLICY, "refused"),
+        End::TooLarge => (close_code::SIZE, "frame too large"),
+        End::SlowConsumer => (close_code::AGAIN, "too slow; resync from your cursor"),
+        End::Replaced => (close_code::POLICY, "replaced by a newer connection"),
+        End::Shutdown => (close_code::AWAY, "server shutting down"),
+    };
+    let close = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = sink.sink.send(close).await;
+}
+
+/// What one WebSocket message means to the engine.
+enum Step {
+    Yield(Inbound),
+    /// A control frame, answered by the WebSocket layer itself.
+    Skip,
+    /// A close frame or a broken socket: the inbound stream ends.
+    Stop,
+}
+
+fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
+    match message {
+        Ok(Message::Binary(bytes)) => {
+            text.store(false, Ordering::Relaxed);
+            Step::Yield(match ClientFrame::decode(bytes) {
+                Ok(frame) => Inbound::Frame(frame),
+                Err(error) => Inbound::Malformed(error.to_string()),
+            })
+        }
+        Ok(Message::Text(body)) => {
+            text.store(true, Ordering::Relaxed);
+            Step::Yield(match crate::json::decode_client_frame(body.as_str()) {
+                Ok(frame) => Inbound::Frame(frame),
+                Err(error) => Inbound::Malformed(error),
+            })
+        }
+        Ok(Message::Ping(_) | Message::Pong(_)) => Step::Skip,
+        Ok(Message::Close(_)) => Step::Stop,
+        Err(error) if is_capacity(&error) => Step::Yield(Inbound::TooLarge),
+        Err(error) => {
+            tracing::debug!(%error, "websocket read failed");
+            Step::Stop
+        }
+    }
+}
+
+fn is_capacity(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        // tungstenite reports an oversized message as a capacity error.
+        if cause.to_string().starts_with("Space limit exceeded") {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+struct WsSink {
+    sink: SplitSink<WebSocket, Message>,
+    text: Arc<AtomicBool>,
+}
+
+impl FrameSink for WsSink {
+    async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
+        let message = if self.text.load(Ordering::Relaxed) {
+            Message::Text(crate::json::encode_server_frame(&frame).into())
+        } else {
+            Message::Binary(frame.encode_to_vec().into())
+        };
+        self.sink.send(message).await.map_err(|_| ())
+    }
+}

@@ -1,0 +1,433 @@
+//! Accounts: the username and password rules, Argon2id hashing, and user lookups.
+
+use std::num::NonZero;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use argon2::password_hash::{self, PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Params, Version};
+use confab_common::now_ms;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::store::User;
+use crate::{GroupError, GroupService};
+
+/// Allowed username lengths, in characters (all ASCII once valid).
+const USERNAME_LEN: RangeInclusive<usize> = 3..=32;
+/// Allowed password lengths, in bytes.
+const PASSWORD_LEN: RangeInclusive<usize> = 8..=128;
+
+/// Returns `raw` lowercased, or why it is not a valid username.
+///
+/// Lowercasing is ASCII-only: a Unicode lowercasing would fold some non-ASCII
+/// characters (the Kelvin sign) into ASCII letters, so that two different external
+/// subjects could land on one account.
+pub(crate) fn normalize_username(raw: &str) -> Result<String, GroupError> {
+    let username = raw.to_ascii_lowercase();
+    let allowed = |b: u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-');
+    if !username.bytes().all(allowed) {
+        return Err(GroupError::InvalidUsername(
+            "only letters a-z, digits, '_', '.' and '-' are allowed",
+        ));
+    }
+    if !USERNAME_LEN.contains(&username.len()) {
+        return Err(GroupError::InvalidUsername("must be 3 to 32 characters"));
+    }
+    Ok(username)
+}
+
+/// Hashes and verifies passwords with Argon2id, on the blocking thread pool.
+#[derive(Debug)]
+pub(crate) struct Passwords {
+    /// Cost of new hashes; verification reads the cost stored in each hash, so
+    /// raising it later leaves old hashes valid.
+    params: Params,
+    /// A hash made with `params`, checked when the user is unknown or has no
+    /// password, so that such a login takes as long as a real one.
+    dummy_hash: String,
+    /// Bounds concurrent hashes to the number of cores: each takes a core and
+    /// ~19 MiB for tens of milliseconds, so a burst of logins must queue rather
+    /// than exhaust memory and blocking threads. A permit moves into the blocking
+    /// task, so a cancelled request frees it only when its hash is done.
+    permits: Arc<Semaphore>,
+}
+
+impl Passwords {
+    /// Returns a hasher making Argon2id hashes with `params`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the dummy hash cannot be made (bad `params`).
+    pub(crate) async fn new(params: Params) -> Result<Self, GroupError> {
+        let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
+        let mut passwords = Self {
+            params,
+            dummy_hash: String::new(),
+            permits: Arc::new(Semaphore::new(cores)),
+        };
+        passwords.dummy_hash = passwords
+            .hash("no account has this password".into())
+            .await?;
+        Ok(passwords)
+    }
+
+    /// Returns a hasher with the smallest Argon2 cost, for fast tests.
+    #[cfg(test)]
+    pub(crate) async fn cheap_for_tests() -> Self {
+        let params = Params::new(Params::MIN_M_COST, 1, 1, None).unwrap();
+        Self::new(params).await.unwrap()
+    }
+
+    /// Waits for a turn to hash.
+    async fn permit(&self) -> OwnedSemaphorePermit {
+        let permits = Arc::clone(&self.permits);
+        permits
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Returns the Argon2id PHC string of `password`, with a fresh random salt.
+    pub(crate) async fn hash(&self, password: String) -> Result<String, GroupError> {
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone());
+        let permit = self.permit().await;
+        let hashed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            argon2.hash_password(password.as_bytes())
+        })
+        .await?;
+        Ok(hashed.map_err(GroupError::Hashing)?.to_string())
+    }
+
+    /// Returns whether `password` matches `hash`; `None` (no password) never matches,
+    /// but costs the same time as a real check.
+    pub(crate) async fn verify(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, GroupError> {
+        let has_hash = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let permit = self.permit().await;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            // Algorithm, version and cost come from the PHC string itself.
+            Argon2::default().verify_password(password.as_bytes(), hash.as_str())
+        })
+        .await?;
+        match outcome {
+            Ok(()) => Ok(has_hash),
+            Err(password_hash::Error::PasswordInvalid) => Ok(false),
+            Err(error) => Err(GroupError::Hashing(error)),
+        }
+    }
+}
+
+impl GroupService {
+    /// Registers a user with a password.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::InvalidUsername`], [`GroupError::InvalidPassword`],
+    /// [`GroupError::UsernameTaken`], or an internal error.
+    pub(crate) async fn create_user(
+        &self,
+        username: &str,
+        password: String,
+    ) -> Result<User, GroupError> {
+        let username = normalize_username(username)?;
+        if !PASSWORD_LEN.contains(&password.len()) {
+            return Err(GroupError::InvalidPassword);
+        }
+        let store = &self.inner.store;
+        // Spares a costly hash in the common case; the unique index below decides races.
+        if store.user_by_name(&username).await?.is_some() {
+            return Err(GroupError::UsernameTaken);
+        }
+        let hash = self.inner.passwords.hash(password).await?;
+        let user = User {
+            id: self.inner.ids.next_id(),
+            username,
+            created_at_ms: now_ms(),
+        };
+        if !store.insert_user(&user, Some(&hash)).await? {
+            return Err(GroupError::UsernameTaken);
+        }
+        Ok(user)
+    }
+
+    /// Returns the user if `password` is theirs.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::WrongCredentials`] for an unknown user, a wrong password or a
+    /// passwordless user, or an internal error.
+    pub(crate) async fn verify_password(
+        &self,
+        username: &str,
+        password: String,
+    ) -> Result<User, GroupError> {
+        // No account can have such a name or password: answer at once. This timing
+        // depends only on the input, not on which accounts exist.
+        let Ok(username) = normalize_username(username) else {
+            return Err(GroupError::WrongCredentials);
+        };
+        if !PASSWORD_LEN.contains(&password.len()) {
+            return Err(GroupError::WrongCredentials);
+        }
+        let (user, hash) = match self.inner.store.credentials(&username).await? {
+            Some((user, hash)) => (Some(user), hash),
+            None => (None, None),
+        };
+        // Always one Argon2 verification, so that an unknown user answers as slowly
+        // as a known one.
+        let matches = self.inner.passwords.verify(password, hash).await?;
+        match user {
+            Some(user) if matches => Ok(user),
+            _ => Err(GroupError::WrongCredentials),
+        }
+    }
+
+    /// Returns the user with this name, creating a passwordless one if missing.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::InvalidUsername`], or an internal error.
+    pub(crate) async fn ensure_user(&self, username: &str) -> Result<User, GroupError> {
+        let username = normalize_username(username)?;
+        let store = &self.inner.store;
+        if let Some(user) = store.user_by_name(&username).await? {
+            return Ok(user);
+        }
+        let candidate = User {
+            id: self.inner.ids.next_id(),
+            username,
+            created_at_ms: now_ms(),
+        };
+        // Insert-or-ignore, then read: a concurrent call may have won the name.
+        store.insert_user(&candidate, None).await?;
+        store
+            .user_by_name(&candidate.username)
+            .await?
+            .ok_or(GroupError::Inconsistent("ensured user vanished"))
+    }
+
+    /// Returns the user with id `id`, or, when `id` is 0, the one named `username`.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::NoSuchUser`], or an internal error.
+    pub(crate) async fn get_user(&self, id: i64, username: &str) -> Result<User, GroupError> {
+        let store = &self.inner.store;
+        let user = if id != 0 {
+            store.user_by_id(id).await?
+        } else {
+            match normalize_username(username) {
+                Ok(username) => store.user_by_name(&username).await?,
+                // No user can have an invalid name.
+                Err(_) => None,
+            }
+        };
+        user.ok_or(GroupError::NoSuchUser)
+    }
+
+    /// Returns the users among `ids` that exist, ordered by id; unknown ids are
+    /// left out.
+    ///
+    /// # Errors
+    ///
+    /// Internal errors only.
+    pub(crate) async fn get_users(&self, ids: &[i64]) -> Result<Vec<User>, GroupError> {
+        self.inner.store.users_by_ids(ids).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::memory_service;
+
+    /// Usernames are lowercased, then must be 3-32 characters of [a-z0-9_.-].
+    #[test]
+    fn username_rules() {
+        assert_eq!(normalize_username("Alice_1.x-Y").unwrap(), "alice_1.x-y");
+        assert_eq!(normalize_username("abc").unwrap(), "abc");
+        assert!(normalize_username(&"a".repeat(32)).is_ok());
+        for bad in [
+            "ab",
+            &"a".repeat(33),
+            "",
+            "al ice",
+            "al@ce",
+            "alice!",
+            "ålice",
+        ] {
+            assert!(
+                matches!(normalize_username(bad), Err(GroupError::InvalidUsername(_))),
+                "{bad:?} accepted"
+            );
+        }
+        // The Kelvin sign lowercases to an ASCII 'k' under Unicode rules; refused here.
+        assert!(normalize_username("\u{212A}elvin").is_err());
+    }
+
+    /// CreateUser refuses passwords outside 8-128 bytes and accepts both bounds.
+    #[tokio::test]
+    async fn password_length_bounds() {
+        let service = memory_service().await;
+        for (name, len, ok) in [("a7", 7, false), ("a8", 8, true), ("a128", 128, true)] {
+            let result = service
+                .create_user(&format!("user{name}"), "p".repeat(len))
+                .await;
+            assert_eq!(result.is_ok(), ok, "length {len}");
+        }
+        let too_long = service.create_user("user129", "p".repeat(129)).await;
+        assert!(matches!(too_long, Err(GroupError::InvalidPassword)));
+    }
+
+    /// CreateUser stores the lowercased name and an Argon2id PHC string, never the
+    /// password.
+    #[tokio::test]
+    async fn create_user_stores_argon2id_hash() {
+        let service = memory_service().await;
+        let user = service
+            .create_user("Alice", "correct horse".into())
+            .await
+            .unwrap();
+        assert_eq!(user.username, "alice");
+        assert!(user.id > 0);
+        let (stored, hash) = service
+            .inner
+            .store
+            .credentials("alice")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored, user);
+        let hash = hash.unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+        assert!(!hash.contains("correct horse"));
+    }
+
+    /// The production hasher uses Argon2id with the crate's default cost.
+    #[tokio::test]
+    async fn default_params_are_argon2id_defaults() {
+        let passwords = Passwords::new(Params::default()).await.unwrap();
+        let hash = passwords.hash("correct horse".into()).await.unwrap();
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        assert!(
+            passwords
+                .verify("correct horse".into(), Some(hash))
+                .await
+                .unwrap()
+        );
+    }
+
+    /// A taken username, in any case, gives UsernameTaken; the unique index refuses
+    /// the name even when the pre-check is bypassed (a concurrent registration).
+    #[tokio::test]
+    async fn duplicate_username_is_refused() {
+        let service = memory_service().await;
+        let first = service
+            .create_user("bob", "password1".into())
+            .await
+            .unwrap();
+        let again = service.create_user("BOB", "password2".into()).await;
+        assert!(matches!(again, Err(GroupError::UsernameTaken)));
+
+        let racer = User {
+            id: service.inner.ids.next_id(),
+            username: "bob".into(),
+            created_at_ms: 0,
+        };
+        assert!(
+            !service
+                .inner
+                .store
+                .insert_user(&racer, Some("x"))
+                .await
+                .unwrap()
+        );
+        let still = service.get_user(0, "bob").await.unwrap();
+        assert_eq!(still, first);
+    }
+
+    /// VerifyPassword accepts the right password (any case of the name) and refuses a
+    /// wrong one, an unknown user and a passwordless user alike.
+    #[tokio::test]
+    async fn verify_password_right_wrong_unknown() {
+        let service = memory_service().await;
+        let carol = service
+            .create_user("carol", "s3cret-pass".into())
+            .await
+            .unwrap();
+        let ok = service
+            .verify_password("Carol", "s3cret-pass".into())
+            .await
+            .unwrap();
+        assert_eq!(ok, carol);
+
+        service.ensure_user("external").await.unwrap();
+        for (name, password) in [
+            ("carol", "wrong-pass"),
+            ("nobody", "s3cret-pass"),
+            ("external", "no account has this password"),
+            ("external", "s3cret-pass"),
+            ("c", "s3cret-pass"),
+            ("carol", "short"),
+        ] {
+            let result = service.verify_password(name, password.into()).await;
+            assert!(
+                matches!(result, Err(GroupError::WrongCredentials)),
+                "{name}/{password}: {result:?}"
+            );
+        }
+    }
+
+    /// EnsureUser creates a passwordless user once and returns the same user after,
+    /// including an existing password user of that name.
+    #[tokio::test]
+    async fn ensure_user_is_get_or_create() {
+        let service = memory_service().await;
+        let first = service.ensure_user("Dave").await.unwrap();
+        assert_eq!(first.username, "dave");
+        assert_eq!(service.ensure_user("dave").await.unwrap(), first);
+
+        let erin = service
+            .create_user("erin", "password1".into())
+            .await
+            .unwrap();
+        assert_eq!(service.ensure_user("erin").await.unwrap(), erin);
+        assert!(matches!(
+            service.ensure_user("x").await,
+            Err(GroupError::InvalidUsername(_))
+        ));
+    }
+
+    /// GetUser finds by id, or by name when the id is 0; GetUsers skips unknown ids.
+    #[tokio::test]
+    async fn get_user_and_get_users() {
+        let service = memory_service().await;
+        let frank = service.ensure_user("frank").await.unwrap();
+        let grace = service.ensure_user("grace").await.unwrap();
+        assert_eq!(service.get_user(frank.id, "ignored").await.unwrap(), frank);
+        assert_eq!(service.get_user(0, "GRACE").await.unwrap(), grace);
+        for (id, name) in [(12345, ""), (0, "nobody"), (0, ""), (0, "bad name")] {
+            let result = service.get_user(id, name).await;
+            assert!(
+                matches!(result, Err(GroupError::NoSuchUser)),
+                "{id} {name:?}"
+            );
+        }
+
+        let users = service
+            .get_users(&[grace.id, 999, frank.id, grace.id])
+            .await
+            .unwrap();
+        assert_eq!(users, vec![frank, grace]);
+        assert!(service.get_users(&[]).await.unwrap().is_empty());
+    }
+}

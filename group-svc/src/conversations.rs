@@ -1,0 +1,212 @@
+//! Conversations: direct conversations between two users, and membership queries.
+
+use confab_common::now_ms;
+
+use crate::store::Conversation;
+use crate::{GroupError, GroupService};
+
+impl GroupService {
+    /// Returns the direct conversation of `user_a` and `user_b`, creating it on first
+    /// use; either order of the two users gives the same conversation.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::SameUser`] when the two are one user, [`GroupError::NoSuchUser`]
+    /// when either does not exist, or an internal error.
+    pub(crate) async fn open_direct(
+        &self,
+        user_a: i64,
+        user_b: i64,
+    ) -> Result<Conversation, GroupError> {
+        if user_a == user_b {
+            return Err(GroupError::SameUser);
+        }
+        let (user_lo, user_hi) = (user_a.min(user_b), user_a.max(user_b));
+        let store = &self.inner.store;
+        if store.users_by_ids(&[user_lo, user_hi]).await?.len() != 2 {
+            return Err(GroupError::NoSuchUser);
+        }
+        let conversation_id = match store.direct_conversation(user_lo, user_hi).await? {
+            Some(id) => id,
+            None => {
+                let candidate = self.inner.ids.next_id();
+                store
+                    .create_direct(candidate, user_lo, user_hi, now_ms())
+                    .await?
+            }
+        };
+        store
+            .conversation(conversation_id)
+            .await?
+            .ok_or(GroupError::Inconsistent("direct pair without conversation"))
+    }
+
+    /// Returns the conversation with this id, with its members.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::NoSuchConversation`], or an internal error.
+    pub(crate) async fn get_conversation(&self, id: i64) -> Result<Conversation, GroupError> {
+        self.inner
+            .store
+            .conversation(id)
+            .await?
+            .ok_or(GroupError::NoSuchConversation)
+    }
+
+    /// Returns every conversation `user_id` is a member of, with its members, ordered
+    /// by id; empty for an unknown user.
+    ///
+    /// # Errors
+    ///
+    /// Internal errors only.
+    pub(crate) async fn list_conversations(
+        &self,
+        user_id: i64,
+    ) -> Result<Vec<Conversation>, GroupError> {
+        self.inner.store.conversations_of(user_id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::store::ConversationKind;
+    use crate::test_support::memory_service;
+
+    /// Returns the ids of two new users of `service`.
+    async fn two_users(service: &GroupService) -> (i64, i64) {
+        let a = service.ensure_user("alice").await.unwrap().id;
+        let b = service.ensure_user("bob").await.unwrap().id;
+        (a, b)
+    }
+
+    /// Spawns `n` concurrent OpenDirect calls on one pair (in both orders) and
+    /// returns the distinct conversation ids they got.
+    async fn open_concurrently(service: &GroupService, a: i64, b: i64, n: usize) -> HashSet<i64> {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let service = service.clone();
+                let (x, y) = if i % 2 == 0 { (a, b) } else { (b, a) };
+                tokio::spawn(async move { service.open_direct(x, y).await.unwrap().id })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for call in calls {
+            ids.insert(call.await.unwrap());
+        }
+        ids
+    }
+
+    /// OpenDirect returns one conversation per pair, whichever user opens it, with
+    /// both members in ascending order.
+    #[tokio::test]
+    async fn open_direct_same_conversation_both_ways() {
+        let service = memory_service().await;
+        let (a, b) = two_users(&service).await;
+        let first = service.open_direct(b, a).await.unwrap();
+        let second = service.open_direct(a, b).await.unwrap();
+        assert_eq!(first, second);
+        assert_eq!(first.kind, ConversationKind::Direct);
+        assert_eq!(first.member_ids, vec![a.min(b), a.max(b)]);
+        assert_eq!(service.get_conversation(first.id).await.unwrap(), first);
+    }
+
+    /// OpenDirect refuses a user with themselves and unknown users.
+    #[tokio::test]
+    async fn open_direct_refuses_bad_pairs() {
+        let service = memory_service().await;
+        let (a, _) = two_users(&service).await;
+        assert!(matches!(
+            service.open_direct(a, a).await,
+            Err(GroupError::SameUser)
+        ));
+        assert!(matches!(
+            service.open_direct(a, 42).await,
+            Err(GroupError::NoSuchUser)
+        ));
+        assert!(matches!(
+            service.open_direct(42, a).await,
+            Err(GroupError::NoSuchUser)
+        ));
+    }
+
+    /// Ten concurrent OpenDirect calls on one pair agree on one conversation
+    /// (in-memory database: one connection, so the calls interleave between queries).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn open_direct_concurrent_in_memory() {
+        let service = memory_service().await;
+        let (a, b) = two_users(&service).await;
+        let ids = open_concurrently(&service, a, b, 10).await;
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        assert_eq!(service.list_conversations(a).await.unwrap().len(), 1);
+    }
+
+    /// Ten concurrent OpenDirect calls on one pair agree on one conversation on a
+    /// file database, where they run on separate connections; losers leave no
+    /// orphan conversation behind. Reopening the file keeps the data (migrations
+    /// run once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn open_direct_concurrent_on_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("group.db");
+        let service = GroupService::open_sqlite(&path, 3).await.unwrap();
+        let (a, b) = two_users(&service).await;
+        let ids = open_concurrently(&service, a, b, 10).await;
+        assert_eq!(ids.len(), 1, "{ids:?}");
+
+        let conversations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations")
+            .fetch_one(&service.inner.store.pool_for_tests())
+            .await
+            .unwrap();
+        assert_eq!(conversations, 1);
+
+        // A late loser of the race: its conversation is rolled back, the winner's returned.
+        let store = &service.inner.store;
+        let (lo, hi) = (a.min(b), a.max(b));
+        let late = store
+            .create_direct(service.inner.ids.next_id(), lo, hi, 0)
+            .await;
+        assert_eq!(ids.iter().copied().collect::<Vec<_>>(), vec![late.unwrap()]);
+        let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations")
+            .fetch_one(&store.pool_for_tests())
+            .await
+            .unwrap();
+        assert_eq!(after, 1);
+        drop(service);
+
+        let reopened = GroupService::open_sqlite(&path, 3).await.unwrap();
+        let id = *ids.iter().next().unwrap();
+        assert_eq!(reopened.open_direct(a, b).await.unwrap().id, id);
+    }
+
+    /// ListConversations returns every conversation of the user with its members,
+    /// and nothing for a user in none.
+    #[tokio::test]
+    async fn list_conversations_of_member() {
+        let service = memory_service().await;
+        let (a, b) = two_users(&service).await;
+        let c = service.ensure_user("carol").await.unwrap().id;
+        let lonely = service.ensure_user("lonely").await.unwrap().id;
+        let ab = service.open_direct(a, b).await.unwrap();
+        let ca = service.open_direct(c, a).await.unwrap();
+        service.open_direct(b, c).await.unwrap();
+
+        let mut expected = vec![ab, ca];
+        expected.sort_by_key(|c| c.id);
+        assert_eq!(service.list_conversations(a).await.unwrap(), expected);
+        assert_eq!(service.list_conversations(b).await.unwrap().len(), 2);
+        assert!(service.list_conversations(lonely).await.unwrap().is_empty());
+        assert!(service.list_conversations(777).await.unwrap().is_empty());
+    }
+
+    /// GetConversation of an unknown id is NoSuchConversation.
+    #[tokio::test]
+    async fn get_conversation_unknown() {
+        let service = memory_service().await;
+        let result = service.get_conversation(5).await;
+        assert!(matches!(result, Err(GroupError::NoSuchConversation)));
+    }
+}

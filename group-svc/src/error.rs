@@ -1,0 +1,75 @@
+//! What can go wrong in group-svc, and how each cause reaches a gRPC client.
+
+use confab_common::ErrorCode;
+
+/// A failed group-svc operation.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The username breaks the naming rules; the reason says which one.
+    #[error("invalid username: {0}")]
+    InvalidUsername(&'static str),
+    /// The password is too short or too long.
+    #[error("password must be 8 to 128 bytes")]
+    InvalidPassword,
+    /// Another account has this username.
+    #[error("username taken")]
+    UsernameTaken,
+    /// Unknown user, wrong password or passwordless user: one cause, so that a
+    /// client cannot tell which.
+    #[error("wrong username or password")]
+    WrongCredentials,
+    /// No user with this id or name.
+    #[error("no such user")]
+    NoSuchUser,
+    /// No conversation with this id.
+    #[error("no such conversation")]
+    NoSuchConversation,
+    /// A direct conversation was asked for between a user and themselves.
+    #[error("a direct conversation needs two distinct users")]
+    SameUser,
+    /// The database failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Argon2 failed for a reason other than a wrong password (a corrupt stored
+    /// hash, bad parameters).
+    #[error("password hashing failed: {0}")]
+    Hashing(argon2::password_hash::Error),
+    /// A blocking hashing task panicked or was cancelled.
+    #[error("hashing task failed")]
+    Task(#[from] tokio::task::JoinError),
+    /// A stored row breaks an invariant the code relies on.
+    #[error("inconsistent data: {0}")]
+    Inconsistent(&'static str),
+}
+
+impl GroupError {
+    /// Returns the client-facing code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidUsername(_) | Self::InvalidPassword | Self::SameUser => {
+                ErrorCode::BadRequest
+            }
+            Self::UsernameTaken => ErrorCode::AlreadyExists,
+            Self::WrongCredentials => ErrorCode::Unauthenticated,
+            Self::NoSuchUser | Self::NoSuchConversation => ErrorCode::NotFound,
+            Self::Database(_)
+            | Self::Migrate(_)
+            | Self::Hashing(_)
+            | Self::Task(_)
+            | Self::Inconsistent(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<GroupError> for tonic::Status {
+    fn from(error: GroupError) -> Self {
+        match error.code() {
+            // Logged once here, at the boundary; the client gets a clean message.
+            ErrorCode::Internal => confab_common::error::internal(&error),
+            code => code.status(error.to_string()),
+        }
+    }
+}

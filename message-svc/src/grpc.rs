@@ -1,0 +1,85 @@
+//! The generated `Messages` trait on [`MessageService`]: converts between protobuf
+//! and domain types and maps errors, nothing else.
+
+use confab_proto::message::v1::messages_server::Messages;
+use confab_proto::message::v1::{
+    HistoryRequest, HistoryResponse, LastMessagesRequest, LastMessagesResponse, SendRequest,
+    SendResponse, SyncRequest, SyncResponse,
+};
+use confab_proto::v1::{Event, event};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::{MessageService, SendInput};
+
+#[tonic::async_trait]
+impl Messages for MessageService {
+    #[instrument(skip_all, fields(sender_id = request.get_ref().sender_id, conversation_id = request.get_ref().conversation_id))]
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let request = request.into_inner();
+        let input = SendInput {
+            sender_id: request.sender_id,
+            sender_device: request.sender_device,
+            conversation_id: request.conversation_id,
+            client_msg_id: request.client_msg_id,
+            text: request.text,
+        };
+        let sent = MessageService::send(self, input).await?;
+        Ok(Response::new(SendResponse {
+            message: Some(sent.message.into()),
+            duplicate: sent.duplicate,
+        }))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let request = request.into_inner();
+        let page = MessageService::history(
+            self,
+            request.user_id,
+            request.conversation_id,
+            request.before,
+            request.after,
+            request.limit,
+        )
+        .await?;
+        Ok(Response::new(HistoryResponse {
+            messages: page.items.into_iter().map(Into::into).collect(),
+            has_more: page.has_more,
+        }))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, after = request.get_ref().after))]
+    async fn sync(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
+        let request = request.into_inner();
+        let page =
+            MessageService::sync(self, request.user_id, request.after, request.limit).await?;
+        let events = page
+            .items
+            .into_iter()
+            .map(|user_event| Event {
+                seq: user_event.seq,
+                kind: Some(event::Kind::Message(user_event.message.into())),
+            })
+            .collect();
+        Ok(Response::new(SyncResponse {
+            events,
+            has_more: page.has_more,
+        }))
+    }
+
+    #[instrument(skip_all, fields(conversations = request.get_ref().conversation_ids.len()))]
+    async fn last_messages(
+        &self,
+        request: Request<LastMessagesRequest>,
+    ) -> Result<Response<LastMessagesResponse>, Status> {
+        let messages =
+            MessageService::last_messages(self, request.into_inner().conversation_ids).await?;
+        Ok(Response::new(LastMessagesResponse {
+            messages: messages.into_iter().map(Into::into).collect(),
+        }))
+    }
+}

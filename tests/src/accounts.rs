@@ -1,0 +1,163 @@
+//! Users and authenticated gRPC clients.
+
+use anyhow::{Context, Result};
+use confab_proto::v1::accounts_client::AccountsClient;
+use confab_proto::v1::conversations_client::ConversationsClient;
+use confab_proto::v1::{
+    AuthResponse, HistoryRequest, HistoryResponse, LoginRequest, OpenDirectRequest, RegisterRequest,
+    User,
+};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::Server;
+
+/// The password every test user gets unless a test picks another.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A registered user and a token pair.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// As the server returned it.
+    pub user: User,
+    /// Sent as `authorization: Bearer ...`.
+    pub access_token: String,
+    /// Exchanged for a new pair with `Accounts.Refresh`.
+    pub refresh_token: String,
+}
+
+impl Account {
+    /// The user id.
+    pub fn id(&self) -> i64 {
+        self.user.id
+    }
+
+    fn from_auth(auth: AuthResponse) -> Result<Self> {
+        let user = auth.user.context("auth response without a user")?;
+        Ok(Self {
+            user,
+            access_token: auth.access_token,
+            refresh_token: auth.refresh_token,
+        })
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call; with `None`, adds nothing.
+#[derive(Debug, Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| tonic::Status::invalid_argument("token is not ascii"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A gRPC channel that carries a bearer token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+impl Server {
+    /// Returns an `Accounts` client (its calls need no token).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server cannot be reached.
+    pub async fn accounts(&self) -> Result<AccountsClient<Channel>> {
+        Ok(AccountsClient::new(self.channel().await?))
+    }
+
+    /// Returns a `Conversations` client that sends `token` (none with `None`).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server cannot be reached.
+    pub async fn conversations_with(&self, token: Option<&str>) -> Result<ConversationsClient<Authed>> {
+        let bearer = Bearer(token.map(str::to_owned));
+        Ok(ConversationsClient::with_interceptor(self.channel().await?, bearer))
+    }
+
+    /// Returns a `Conversations` client acting as `account`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server cannot be reached.
+    pub async fn conversations(&self, account: &Account) -> Result<ConversationsClient<Authed>> {
+        self.conversations_with(Some(&account.access_token)).await
+    }
+
+    /// Registers `username` with [`PASSWORD`].
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses.
+    pub async fn register(&self, username: &str) -> Result<Account> {
+        let request = RegisterRequest {
+            username: username.to_owned(),
+            password: PASSWORD.to_owned(),
+        };
+        let auth = self.accounts().await?.register(request).await?.into_inner();
+        Account::from_auth(auth)
+    }
+
+    /// Logs `username` in with `password`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses; the status is in the error chain.
+    pub async fn login(&self, username: &str, password: &str) -> Result<Account> {
+        let request = LoginRequest {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        };
+        let auth = self.accounts().await?.login(request).await?.into_inner();
+        Account::from_auth(auth)
+    }
+
+    /// Returns the id of the direct conversation of `a` and `b`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses.
+    pub async fn open_direct(&self, a: &Account, b: &Account) -> Result<i64> {
+        let request = OpenDirectRequest {
+            user_id: b.id(),
+            username: String::new(),
+        };
+        let conversation = self.conversations(a).await?.open_direct(request).await?.into_inner();
+        Ok(conversation.id)
+    }
+
+    /// Reads one page of history as `account`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses; the status is in the error chain.
+    pub async fn history(
+        &self,
+        account: &Account,
+        conversation_id: i64,
+        before: i64,
+        after: i64,
+        limit: u32,
+    ) -> Result<HistoryResponse> {
+        let request = HistoryRequest {
+            conversation_id,
+            before,
+            after,
+            limit,
+        };
+        let mut client = self.conversations(account).await?;
+        Ok(client.history(request).await?.into_inner())
+    }
+}
+
+/// Returns the gRPC code of a failed call's error, if it came from a status.
+pub fn status_code(error: &anyhow::Error) -> Option<tonic::Code> {
+    error.downcast_ref::<tonic::Status>().map(tonic::Status::code)
+}

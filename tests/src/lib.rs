@@ -1,0 +1,66 @@
+//! End-to-end harness: runs the real `confab` binary and talks to it through real
+//! clients, the way apps do.
+//!
+//! - [`server`]: [`Server`] spawns `confab serve` on port 0 with its own data dir,
+//!   reads the bound address from its stdout, and can `kill9` and `restart` it.
+//! - [`accounts`]: registering users and authenticated gRPC clients.
+//! - [`conn`]: [`Conn`], one device's live connection over any transport:
+//!   `hello`, `sync`, `send`, `next_event`, each bounded by a timeout.
+//! - [`grpc`]: the gRPC `Edge.Stream` transport.
+//! - [`ws`]: the WebSocket transport, binary protobuf or proto3 JSON text.
+//! - [`json`]: the proto3 JSON mapping of the frames, written by hand so that it
+//!   checks the server's mapping instead of sharing it.
+//! - [`http`]: a tiny HTTP/1.1 GET for `/metrics` and `/healthz`.
+//! - [`cli`]: runs `confab client` processes with piped stdin and stdout.
+//!
+//! Waiting is always on an event (a line, a frame); timeouts only bound failures.
+
+pub mod accounts;
+pub mod cli;
+pub mod conn;
+pub mod grpc;
+pub mod http;
+pub mod json;
+pub mod server;
+pub mod ws;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use accounts::{Account, PASSWORD};
+pub use conn::{Closed, Conn, Reply, Synced};
+pub use grpc::GrpcConn;
+pub use server::Server;
+pub use ws::{Encoding, WsAuth, WsConn};
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Runs `check` until it returns `Ok(true)`, at most for [`WAIT`].
+///
+/// For state that has no event to wait on (a metric being scraped); between
+/// tries it yields for a few milliseconds.
+///
+/// # Errors
+///
+/// Fails with the last error, or when the condition never held.
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let outcome = check().await;
+        if let Ok(true) = outcome {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return match outcome {
+                Err(error) => Err(error.context(format!("never true: {what}"))),
+                Ok(_) => Err(anyhow::anyhow!("never true: {what}")),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,201 @@
+//! The server under test: the real `confab` binary in its own process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tonic::transport::Channel;
+
+use crate::WAIT;
+
+/// The line `confab serve` prints to stdout once it listens, before the address.
+const LISTENING_PREFIX: &str = "confab listening on ";
+
+/// How many lines of the server's log a failure shows.
+const LOG_TAIL_LINES: usize = 40;
+
+/// One `confab serve` process on `127.0.0.1:0` with a data dir of its own.
+///
+/// The process is killed (SIGKILL) when the value drops; if the test is
+/// panicking, the tail of the server's stderr is printed first.
+#[derive(Debug)]
+pub struct Server {
+    /// The running process; `None` between `kill9` and `restart`.
+    child: Option<Child>,
+    /// Where the current process listens (every start binds a new port).
+    addr: SocketAddr,
+    /// Holds `data/` and one stderr log per start; removed on drop.
+    root: TempDir,
+    /// Extra `confab serve` flags, kept for restarts.
+    args: Vec<String>,
+    /// How many processes were started: names the log files.
+    starts: u32,
+}
+
+impl Server {
+    /// Starts a server with default flags.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary cannot be spawned or never prints its address.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with extra `confab serve` flags, e.g. `["--jwt-secret", "s"]`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary cannot be spawned or never prints its address.
+    pub async fn start_with(args: &[&str]) -> Result<Self> {
+        let mut server = Self {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            root: tempfile::Builder::new().prefix("confab-e2e-").tempdir()?,
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            starts: 0,
+        };
+        std::fs::create_dir(server.data_dir())?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// The address the server listens on now.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The gRPC endpoint, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The WebSocket endpoint, `ws://127.0.0.1:PORT/v1/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// The server's data directory (kept across restarts).
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// Opens a new HTTP/2 connection for gRPC clients.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server does not accept the connection.
+    pub async fn channel(&self) -> Result<Channel> {
+        let endpoint = Channel::from_shared(self.url())?.connect_timeout(WAIT);
+        endpoint.connect().await.context("connecting to the server")
+    }
+
+    /// Kills the server with SIGKILL and waits for it to be gone.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the process cannot be killed.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // tokio's `Child::kill` sends SIGKILL on Unix and reaps the process.
+            child.kill().await.context("killing the server")?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same data dir (killing it first if it runs).
+    /// The port changes: clients must connect again.
+    ///
+    /// # Errors
+    ///
+    /// Fails like [`Server::start`].
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill9().await?;
+        self.spawn().await
+    }
+
+    /// Returns the last lines of the current process's stderr.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+        lines[start..].join("\n")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join(format!("server-{}.log", self.starts))
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path())?;
+        let mut child = Command::new(confab_bin()?)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.data_dir())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning confab serve")?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        self.child = Some(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let waited = tokio::time::timeout(WAIT, read_listening_line(&mut lines)).await;
+        let addr = match waited {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(error)) => bail!("{error:#}; server log:\n{}", self.log_tail()),
+            Err(_) => bail!("server printed no address in {WAIT:?}; log:\n{}", self.log_tail()),
+        };
+        // Keep draining stdout so that the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.addr = addr;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- confab serve log (tail) ---\n{}", self.log_tail());
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Reads stdout until the `confab listening on ADDR` line.
+async fn read_listening_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Result<SocketAddr> {
+    while let Some(line) = lines.next_line().await? {
+        if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
+            return addr.trim().parse().context("parsing the listening address");
+        }
+    }
+    bail!("server exited before printing its address")
+}
+
+/// Returns the `confab` binary: `CONFAB_BIN`, else `target/debug/confab` beside
+/// this test executable (`target/debug/deps/e2e-...`).
+///
+/// # Errors
+///
+/// Fails when the binary does not exist.
+pub fn confab_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("CONFAB_BIN") {
+        return Ok(bin.into());
+    }
+    let exe = std::env::current_exe()?;
+    let target_dir = exe.parent().and_then(Path::parent).context("odd test path")?;
+    let bin = target_dir.join("confab");
+    if !bin.exists() {
+        bail!("{} missing: build with `cargo build --workspace --bins`", bin.display());
+    }
+    Ok(bin)
+}
