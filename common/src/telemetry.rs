@@ -1,6 +1,6 @@
 //! Tracing and Prometheus metrics set-up, done once per process.
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the fmt tracing subscriber, filtered by `RUST_LOG` (default `info`).
@@ -16,6 +16,7 @@ pub fn init_tracing() {
 }
 
 /// Installs the global Prometheus recorder and returns the handle `/metrics` renders.
+/// Histograms named `*_seconds` get latency buckets, `*_size` power-of-two buckets.
 ///
 /// # Errors
 ///
@@ -26,7 +27,12 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0,
     ];
+    // Counts of things per operation (sends per commit, ...): powers of two.
+    const SIZE_BUCKETS: &[f64] = &[
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    ];
     PrometheusBuilder::new()
         .set_buckets(BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS)?
         .install_recorder()
 }

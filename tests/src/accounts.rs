@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use confab_proto::v1::accounts_client::AccountsClient;
 use confab_proto::v1::conversations_client::ConversationsClient;
 use confab_proto::v1::{
-    AuthResponse, HistoryRequest, HistoryResponse, LoginRequest, OpenDirectRequest, RegisterRequest,
-    User,
+    AuthResponse, HistoryRequest, HistoryResponse, LoginRequest, OpenDirectRequest,
+    RegisterRequest, User,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -49,7 +49,10 @@ impl Account {
 pub struct Bearer(pub Option<String>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.0 {
             let value = MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| tonic::Status::invalid_argument("token is not ascii"))?;
@@ -77,9 +80,15 @@ impl Server {
     /// # Errors
     ///
     /// Fails when the server cannot be reached.
-    pub async fn conversations_with(&self, token: Option<&str>) -> Result<ConversationsClient<Authed>> {
+    pub async fn conversations_with(
+        &self,
+        token: Option<&str>,
+    ) -> Result<ConversationsClient<Authed>> {
         let bearer = Bearer(token.map(str::to_owned));
-        Ok(ConversationsClient::with_interceptor(self.channel().await?, bearer))
+        Ok(ConversationsClient::with_interceptor(
+            self.channel().await?,
+            bearer,
+        ))
     }
 
     /// Returns a `Conversations` client acting as `account`.
@@ -129,7 +138,12 @@ impl Server {
             user_id: b.id(),
             username: String::new(),
         };
-        let conversation = self.conversations(a).await?.open_direct(request).await?.into_inner();
+        let conversation = self
+            .conversations(a)
+            .await?
+            .open_direct(request)
+            .await?
+            .into_inner();
         Ok(conversation.id)
     }
 
@@ -159,5 +173,7 @@ impl Server {
 
 /// Returns the gRPC code of a failed call's error, if it came from a status.
 pub fn status_code(error: &anyhow::Error) -> Option<tonic::Code> {
-    error.downcast_ref::<tonic::Status>().map(tonic::Status::code)
+    error
+        .downcast_ref::<tonic::Status>()
+        .map(tonic::Status::code)
 }

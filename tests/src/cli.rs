@@ -93,7 +93,11 @@ impl CliUser {
     pub async fn run_ok(&self, args: &[&str]) -> Result<String> {
         let finished = self.run(args, "").await?;
         if !finished.status.success() {
-            bail!("`confab client {args:?}` failed: {}{}", finished.stderr, finished.stdout);
+            bail!(
+                "`confab client {args:?}` failed: {}{}",
+                finished.stderr,
+                finished.stdout
+            );
         }
         Ok(finished.stdout)
     }
@@ -154,7 +158,10 @@ impl Chat {
         let waited = tokio::time::timeout(WAIT, self.read_until(needle)).await;
         match waited {
             Ok(found) => found,
-            Err(_) => bail!("no line with {needle:?} within {WAIT:?}; seen: {:#?}", self.seen),
+            Err(_) => bail!(
+                "no line with {needle:?} within {WAIT:?}; seen: {:#?}",
+                self.seen
+            ),
         }
     }
 
@@ -165,7 +172,10 @@ impl Chat {
                 return Ok(line);
             }
         }
-        bail!("stdout ended before a line with {needle:?}; seen: {:#?}", self.seen)
+        bail!(
+            "stdout ended before a line with {needle:?}; seen: {:#?}",
+            self.seen
+        )
     }
 
     /// Every stdout line read so far.
@@ -190,7 +200,10 @@ impl Chat {
         .await;
         let status = match drained {
             Ok(status) => status?,
-            Err(_) => bail!("chat did not exit within {WAIT:?} after EOF; seen: {:#?}", self.seen),
+            Err(_) => bail!(
+                "chat did not exit within {WAIT:?} after EOF; seen: {:#?}",
+                self.seen
+            ),
         };
         if !status.success() {
             let mut stderr = String::new();
@@ -198,7 +211,10 @@ impl Chat {
                 use tokio::io::AsyncReadExt as _;
                 let _ = pipe.read_to_string(&mut stderr).await;
             }
-            bail!("chat exited with {status}: {stderr}; stdout: {:#?} {rest:#?}", self.seen);
+            bail!(
+                "chat exited with {status}: {stderr}; stdout: {:#?} {rest:#?}",
+                self.seen
+            );
         }
         Ok(rest)
     }

@@ -5,8 +5,8 @@ use std::future::Future;
 
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
-    ClientFrame, Error as ErrorFrame, Event, Hello, Message, Ping, SendAck, SendMessage, ServerFrame,
-    Welcome, client_frame, event, server_frame,
+    ClientFrame, Error as ErrorFrame, Event, Hello, Message, Ping, SendAck, SendMessage,
+    ServerFrame, Welcome, client_frame, event, server_frame,
 };
 
 use crate::WAIT;
@@ -146,7 +146,11 @@ impl<T: Transport> Conn<T> {
     pub async fn sync(&mut self, device_id: &str, cursor: u64) -> Result<Synced> {
         let welcome = self.hello(device_id, cursor).await?;
         let (events, seq) = self.read_catch_up().await?;
-        Ok(Synced { welcome, events, seq })
+        Ok(Synced {
+            welcome,
+            events,
+            seq,
+        })
     }
 
     /// Reads events up to `SyncComplete` and returns them with its `seq`.
@@ -170,8 +174,16 @@ impl<T: Transport> Conn<T> {
     /// # Errors
     ///
     /// Fails when the server answers with an error frame.
-    pub async fn send(&mut self, conversation_id: i64, client_msg_id: &str, text: &str) -> Result<SendAck> {
-        match self.send_reply(conversation_id, client_msg_id, text).await? {
+    pub async fn send(
+        &mut self,
+        conversation_id: i64,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<SendAck> {
+        match self
+            .send_reply(conversation_id, client_msg_id, text)
+            .await?
+        {
             Reply::Sent(ack) => Ok(ack),
             Reply::Error(error) => bail!("send refused: {error:?}"),
         }
@@ -182,8 +194,15 @@ impl<T: Transport> Conn<T> {
     /// # Errors
     ///
     /// Fails when the connection ends first.
-    pub async fn send_reply(&mut self, conversation_id: i64, client_msg_id: &str, text: &str) -> Result<Reply> {
-        let r#ref = self.send_message(conversation_id, client_msg_id, text).await?;
+    pub async fn send_reply(
+        &mut self,
+        conversation_id: i64,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<Reply> {
+        let r#ref = self
+            .send_message(conversation_id, client_msg_id, text)
+            .await?;
         self.reply_to(r#ref).await
     }
 
@@ -192,7 +211,12 @@ impl<T: Transport> Conn<T> {
     /// # Errors
     ///
     /// Fails when the transport does.
-    pub async fn send_message(&mut self, conversation_id: i64, client_msg_id: &str, text: &str) -> Result<u64> {
+    pub async fn send_message(
+        &mut self,
+        conversation_id: i64,
+        client_msg_id: &str,
+        text: &str,
+    ) -> Result<u64> {
         let send = SendMessage {
             conversation_id,
             client_msg_id: client_msg_id.to_owned(),
@@ -208,7 +232,10 @@ impl<T: Transport> Conn<T> {
     /// Fails when the connection ends first.
     pub async fn reply_to(&mut self, r#ref: u64) -> Result<Reply> {
         if let Some(index) = self.pending.iter().position(|frame| is_reply(frame, r#ref)) {
-            let frame = self.pending.remove(index).context("queued reply vanished")?;
+            let frame = self
+                .pending
+                .remove(index)
+                .context("queued reply vanished")?;
             return reply_of(frame);
         }
         loop {
@@ -226,7 +253,8 @@ impl<T: Transport> Conn<T> {
     ///
     /// Fails when no pong comes.
     pub async fn ping(&mut self, nonce: u64) -> Result<()> {
-        self.send_kind(client_frame::Kind::Ping(Ping { nonce })).await?;
+        self.send_kind(client_frame::Kind::Ping(Ping { nonce }))
+            .await?;
         loop {
             let frame = self.recv_frame().await?;
             if let Some(server_frame::Kind::Pong(pong)) = &frame.kind {

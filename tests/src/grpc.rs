@@ -67,7 +67,10 @@ impl GrpcTransport {
 
 impl Transport for GrpcTransport {
     async fn send_frame(&mut self, frame: ClientFrame) -> Result<()> {
-        let outbound = self.outbound.as_ref().context("request stream already closed")?;
+        let outbound = self
+            .outbound
+            .as_ref()
+            .context("request stream already closed")?;
         outbound.send(frame).await.context("the call has ended")
     }
 
@@ -119,7 +122,9 @@ impl Server {
     ///
     /// Fails when the server cannot be reached.
     pub async fn grpc(&self, account: &Account) -> Result<GrpcConn> {
-        Ok(Conn::new(GrpcTransport::open(self, Some(&account.access_token)).await?))
+        Ok(Conn::new(
+            GrpcTransport::open(self, Some(&account.access_token)).await?,
+        ))
     }
 
     /// Opens a gRPC stream as `account` and syncs from `cursor`.
@@ -127,7 +132,12 @@ impl Server {
     /// # Errors
     ///
     /// Fails when the hello is not answered as it should be.
-    pub async fn grpc_synced(&self, account: &Account, device_id: &str, cursor: u64) -> Result<(GrpcConn, crate::Synced)> {
+    pub async fn grpc_synced(
+        &self,
+        account: &Account,
+        device_id: &str,
+        cursor: u64,
+    ) -> Result<(GrpcConn, crate::Synced)> {
         let mut conn = self.grpc(account).await?;
         let synced = conn.sync(device_id, cursor).await?;
         Ok((conn, synced))

@@ -45,7 +45,11 @@ async fn exchange(addr: SocketAddr, path: &str) -> Result<Response> {
     let chunked = head
         .lines()
         .any(|line| line.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Ok(Response { status, body })
 }
 
@@ -54,7 +58,8 @@ fn dechunk(mut rest: &str) -> Result<String> {
     loop {
         let (size_line, after) = rest.split_once("\r\n").context("truncated chunk")?;
         let size_text = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).with_context(|| format!("chunk size {size_line:?}"))?;
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("chunk size {size_line:?}"))?;
         if size == 0 {
             return Ok(body);
         }
@@ -62,6 +67,8 @@ fn dechunk(mut rest: &str) -> Result<String> {
             bail!("chunk shorter than {size}");
         };
         body.push_str(chunk);
-        rest = after[size..].strip_prefix("\r\n").context("chunk without crlf")?;
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .context("chunk without crlf")?;
     }
 }

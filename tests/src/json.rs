@@ -6,8 +6,8 @@
 
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
-    ClientFrame, Error as ErrorFrame, Event, Message, Pong, SendAck, ServerFrame, SyncComplete, Welcome,
-    client_frame, event, server_frame,
+    ClientFrame, Error as ErrorFrame, Event, Message, Pong, SendAck, ServerFrame, SyncComplete,
+    Welcome, client_frame, event, server_frame,
 };
 use serde_json::{Map, Value, json};
 
@@ -19,7 +19,8 @@ pub fn client_frame(frame: &ClientFrame) -> Value {
     }
     match &frame.kind {
         Some(client_frame::Kind::Hello(hello)) => {
-            let mut body = json!({ "deviceId": hello.device_id, "cursor": hello.cursor.to_string() });
+            let mut body =
+                json!({ "deviceId": hello.device_id, "cursor": hello.cursor.to_string() });
             if !hello.token.is_empty() {
                 body["token"] = Value::String(hello.token.clone());
             }
@@ -59,11 +60,16 @@ pub fn parse_server_frame(text: &str) -> Result<ServerFrame> {
 pub fn server_frame(value: &Value) -> Result<ServerFrame> {
     let object = value.as_object().context("frame is not an object")?;
     let kinds = ["welcome", "sent", "event", "synced", "error", "pong"];
-    let present: Vec<&str> = kinds.into_iter().filter(|kind| object.contains_key(*kind)).collect();
+    let present: Vec<&str> = kinds
+        .into_iter()
+        .filter(|kind| object.contains_key(*kind))
+        .collect();
     let [kind] = present.as_slice() else {
         bail!("expected exactly one of {kinds:?}, got {present:?}");
     };
-    let body = object[*kind].as_object().with_context(|| format!("{kind} is not an object"))?;
+    let body = object[*kind]
+        .as_object()
+        .with_context(|| format!("{kind} is not an object"))?;
     let kind = match *kind {
         "welcome" => server_frame::Kind::Welcome(Welcome {
             user_id: int64(body, "userId")?,
@@ -142,7 +148,9 @@ fn int32(body: &Map<String, Value>, name: &str) -> Result<i32> {
     match body.get(name) {
         None => Ok(0),
         Some(Value::Number(number)) => {
-            let wide = number.as_i64().with_context(|| format!("{name}: {number}"))?;
+            let wide = number
+                .as_i64()
+                .with_context(|| format!("{name}: {number}"))?;
             Ok(i32::try_from(wide)?)
         }
         Some(Value::String(text)) => text.parse().with_context(|| format!("{name}: {text:?}")),

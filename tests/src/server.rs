@@ -133,7 +133,14 @@ impl Server {
     async fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path())?;
-        let mut child = Command::new(confab_bin()?)
+        let mut command = Command::new(confab_bin()?);
+        // The flags alone configure the server: no CONFAB_* from the caller's shell.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("CONFAB_") {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.data_dir())
@@ -151,7 +158,10 @@ impl Server {
         let addr = match waited {
             Ok(Ok(addr)) => addr,
             Ok(Err(error)) => bail!("{error:#}; server log:\n{}", self.log_tail()),
-            Err(_) => bail!("server printed no address in {WAIT:?}; log:\n{}", self.log_tail()),
+            Err(_) => bail!(
+                "server printed no address in {WAIT:?}; log:\n{}",
+                self.log_tail()
+            ),
         };
         // Keep draining stdout so that the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -192,10 +202,16 @@ pub fn confab_bin() -> Result<PathBuf> {
         return Ok(bin.into());
     }
     let exe = std::env::current_exe()?;
-    let target_dir = exe.parent().and_then(Path::parent).context("odd test path")?;
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("odd test path")?;
     let bin = target_dir.join("confab");
     if !bin.exists() {
-        bail!("{} missing: build with `cargo build --workspace --bins`", bin.display());
+        bail!(
+            "{} missing: build with `cargo build --workspace --bins`",
+            bin.display()
+        );
     }
     Ok(bin)
 }

@@ -78,7 +78,9 @@ impl Transport for WsTransport {
     async fn recv(&mut self) -> Result<Incoming> {
         loop {
             let Some(read) = self.socket.next().await else {
-                return Ok(Incoming::Closed(closed("stream ended without a close frame")));
+                return Ok(Incoming::Closed(closed(
+                    "stream ended without a close frame",
+                )));
             };
             let message = match read {
                 Ok(message) => message,
@@ -102,7 +104,9 @@ impl Transport for WsTransport {
                     return Ok(Incoming::Closed(Closed {
                         ws_close_code: frame.as_ref().map(|frame| u16::from(frame.code)),
                         grpc_code: None,
-                        detail: frame.map(|frame| frame.reason.to_string()).unwrap_or_default(),
+                        detail: frame
+                            .map(|frame| frame.reason.to_string())
+                            .unwrap_or_default(),
                     }));
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -118,15 +122,22 @@ fn closed(detail: &str) -> Closed {
     }
 }
 
-fn upgrade_request(server: &Server, auth: WsAuth<'_>) -> Result<tungstenite::handshake::client::Request> {
+fn upgrade_request(
+    server: &Server,
+    auth: WsAuth<'_>,
+) -> Result<tungstenite::handshake::client::Request> {
     let url = match auth {
         WsAuth::Query(token) => format!("{}?access_token={token}", server.ws_url()),
         WsAuth::Header(_) | WsAuth::None => server.ws_url(),
     };
     let mut request = url.into_client_request()?;
     if let WsAuth::Header(token) = auth {
-        let value = format!("Bearer {token}").parse().context("token is not a header value")?;
-        request.headers_mut().insert(http::header::AUTHORIZATION, value);
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("token is not a header value")?;
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value);
     }
     Ok(request)
 }
@@ -152,7 +163,8 @@ impl Server {
     ///
     /// Fails when the upgrade is refused.
     pub async fn ws(&self, account: &Account, encoding: Encoding) -> Result<WsConn> {
-        let transport = WsTransport::connect(self, WsAuth::Header(&account.access_token), encoding).await?;
+        let transport =
+            WsTransport::connect(self, WsAuth::Header(&account.access_token), encoding).await?;
         Ok(Conn::new(transport))
     }
 

@@ -1,0 +1,161 @@
+//! Accounts and authentication: tokens, refresh, and refusing bad credentials.
+
+use super::*;
+
+/// Registering, logging in and refreshing give working tokens; a wrong password is refused.
+#[tokio::test]
+async fn register_login_refresh() -> Result<()> {
+    let server = Server::start().await?;
+    let registered = server.register("alice").await?;
+    assert_eq!(registered.user.username, "alice");
+    assert!(!registered.access_token.is_empty() && !registered.refresh_token.is_empty());
+
+    let logged_in = server.login("alice", PASSWORD).await?;
+    assert_eq!(
+        logged_in.id(),
+        registered.id(),
+        "login returns the registered user"
+    );
+
+    let channel = server.channel().await?;
+    let mut me = AccountsClient::with_interceptor(
+        channel.clone(),
+        Bearer(Some(logged_in.access_token.clone())),
+    );
+    let user = me.me(MeRequest {}).await?.into_inner();
+    assert_eq!(
+        (user.id, user.username.as_str()),
+        (registered.id(), "alice")
+    );
+
+    let mut accounts = server.accounts().await?;
+    let refresh = RefreshRequest {
+        refresh_token: logged_in.refresh_token.clone(),
+    };
+    let refreshed = accounts.refresh(refresh).await?.into_inner();
+    assert_eq!(
+        refreshed.user.as_ref().map(|user| user.id),
+        Some(registered.id())
+    );
+    let now_ms = i64::try_from(now_secs() * 1000)?;
+    assert!(
+        refreshed.access_expires_at_ms > now_ms,
+        "a fresh token expires in the future"
+    );
+    let mut me =
+        AccountsClient::with_interceptor(channel.clone(), Bearer(Some(refreshed.access_token)));
+    assert_eq!(me.me(MeRequest {}).await?.into_inner().id, registered.id());
+
+    let wrong = server
+        .login("alice", "not the password")
+        .await
+        .expect_err("wrong password accepted");
+    assert_eq!(
+        status_code(&wrong),
+        Some(Code::Unauthenticated),
+        "wrong password: {wrong:#}"
+    );
+    let unknown = server
+        .login("nobody", PASSWORD)
+        .await
+        .expect_err("unknown user accepted");
+    assert_eq!(
+        status_code(&unknown),
+        Some(Code::Unauthenticated),
+        "unknown user: {unknown:#}"
+    );
+    let again = server
+        .register("alice")
+        .await
+        .expect_err("duplicate username accepted");
+    assert!(
+        status_code(&again).is_some(),
+        "duplicate username: {again:#}"
+    );
+    Ok(())
+}
+/// A stream or unary call without, with a garbage, a foreign, an expired or a
+/// refresh token is UNAUTHENTICATED; a WebSocket upgrade with a bad token gets
+/// 401 and a bad token in the Hello gets a fatal error frame.
+#[tokio::test]
+async fn unauthenticated_is_refused() -> Result<()> {
+    const SECRET: &str = "e2e-test-secret-e2e-test-secret-0123456789";
+    let server = Server::start_with(&["--jwt-secret", SECRET]).await?;
+    let alice = server.register("alice").await?;
+
+    let control = resign(&alice.access_token, SECRET, 600)?;
+    let mut list = server.conversations_with(Some(&control)).await?;
+    list.list(ListConversationsRequest {})
+        .await
+        .context("a re-signed valid token must work")?;
+
+    let expired = resign(&alice.access_token, SECRET, -3600)?;
+    let foreign = resign(
+        &alice.access_token,
+        "some other secret entirely, 0123456789",
+        600,
+    )?;
+    let bad_tokens: [(&str, Option<&str>); 5] = [
+        ("none", None),
+        ("garbage", Some("not-a-jwt")),
+        ("foreign", Some(&foreign)),
+        ("expired", Some(&expired)),
+        ("refresh", Some(&alice.refresh_token)),
+    ];
+    for (what, token) in bad_tokens {
+        let mut client = server.conversations_with(token).await?;
+        let status = client
+            .list(ListConversationsRequest {})
+            .await
+            .expect_err(what);
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "unary with {what} token: {status:?}"
+        );
+
+        let mut conn = Conn::new(GrpcTransport::open(&server, token).await?);
+        conn.send_hello("", "d", 0).await?;
+        let (frames, closed) = conn.expect_closed().await?;
+        assert!(
+            frames.is_empty(),
+            "stream with {what} token got frames {frames:?}"
+        );
+        assert_eq!(
+            closed.grpc_code,
+            Some(Code::Unauthenticated),
+            "stream with {what} token: {closed:?}"
+        );
+
+        let Some(token) = token else { continue };
+        assert_eq!(
+            upgrade_status(&server, WsAuth::Header(token)).await?,
+            401,
+            "ws header with {what} token"
+        );
+        assert_eq!(
+            upgrade_status(&server, WsAuth::Query(token)).await?,
+            401,
+            "ws query with {what} token"
+        );
+
+        let mut ws =
+            Conn::new(WsTransport::connect(&server, WsAuth::None, Encoding::Binary).await?);
+        ws.send_hello(token, "d", 0).await?;
+        let (frames, closed) = ws.expect_closed().await?;
+        let [frame] = frames.as_slice() else {
+            panic!("ws hello with {what} token: expected one error frame, got {frames:?}");
+        };
+        let Some(server_frame::Kind::Error(error)) = &frame.kind else {
+            panic!("ws hello with {what} token: expected an error frame, got {frame:?}");
+        };
+        assert_eq!(
+            (error.code, error.fatal),
+            (16, true),
+            "ws hello with {what} token: {error:?}"
+        );
+        assert_eq!(error.reason, "unauthenticated");
+        assert!(closed.grpc_code.is_none(), "{closed:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The `confab client` command-line client.
+
+use super::*;
+
+/// Two `confab client chat` processes exchange messages; one quits, and what was
+/// sent meanwhile shows when it chats again; `history` and `conversations` print it.
+#[tokio::test]
+async fn cli_chat_history_and_catch_up() -> Result<()> {
+    let server = Server::start().await?;
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let alice = CliUser::new(&server, dirs.0.path());
+    let bob = CliUser::new(&server, dirs.1.path());
+    alice
+        .run_ok(&["register", "alice", "--password", "alice-password"])
+        .await?;
+    let finished = bob.run(&["register", "bob"], "bob-password\n").await?;
+    assert!(
+        finished.status.success(),
+        "password from stdin: {finished:?}"
+    );
+
+    let mut bob_chat = bob.chat("alice")?;
+    let mut alice_chat = alice.chat("bob")?;
+    alice_chat.say("hello bob").await?;
+    alice_chat.expect_line("✓").await?;
+    bob_chat.expect_line("alice: hello bob").await?;
+    bob_chat.say("hi alice").await?;
+    alice_chat.expect_line("bob: hi alice").await?;
+    bob_chat.expect_line("✓").await?;
+    bob_chat.quit().await?;
+
+    alice_chat.say("are you there?").await?;
+    alice_chat.expect_line("✓").await?;
+    alice_chat.say("second").await?;
+    alice_chat.expect_line("✓").await?;
+    alice_chat.quit().await?;
+
+    let mut bob_chat = bob.chat("alice")?;
+    bob_chat.expect_line("alice: are you there?").await?;
+    bob_chat.expect_line("alice: second").await?;
+    let seen = bob_chat.seen().join("\n");
+    assert!(
+        !seen.contains("hello bob"),
+        "the saved cursor skips what was shown: {seen}"
+    );
+    assert!(
+        seen.contains(" alice: are you there?") && seen.contains("] "),
+        "format [HH:MM:SS] name: text: {seen}"
+    );
+    bob_chat.say("back").await?;
+    bob_chat.expect_line("✓").await?;
+    bob_chat.quit().await?;
+
+    let history = bob.run_ok(&["history", "alice"]).await?;
+    let order = [
+        "alice: hello bob",
+        "bob: hi alice",
+        "alice: are you there?",
+        "alice: second",
+        "bob: back",
+    ];
+    let positions: Vec<Option<usize>> = order.iter().map(|text| history.find(text)).collect();
+    assert!(
+        positions.iter().all(Option::is_some),
+        "history lacks messages: {history}"
+    );
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "history oldest to newest: {history}"
+    );
+    let page = bob.run_ok(&["history", "alice", "--limit", "2"]).await?;
+    assert!(
+        page.contains("bob: back") && !page.contains("hello bob"),
+        "{page}"
+    );
+
+    let listed = alice.run_ok(&["conversations"]).await?;
+    assert!(
+        listed.contains("bob") && listed.contains("back"),
+        "conversations: {listed}"
+    );
+
+    let refused = alice
+        .run(&["login", "alice", "--password", "wrong"], "")
+        .await?;
+    assert!(
+        !refused.status.success(),
+        "wrong password accepted: {refused:?}"
+    );
+    assert_eq!(
+        refused.stderr.trim().lines().count(),
+        1,
+        "one clear line: {:?}",
+        refused.stderr
+    );
+    Ok(())
+}
+
+/// The CLI swaps an expired access token for a new pair once (unary calls and
+/// the stream alike) and stores the new tokens.
+#[tokio::test]
+async fn cli_refreshes_an_expired_token() -> Result<()> {
+    const SECRET: &str = "e2e-cli-secret-e2e-cli-secret-0123456789";
+    let server = Server::start_with(&["--jwt-secret", SECRET]).await?;
+    server.register("bob").await?;
+    let dir = tempfile::tempdir()?;
+    let alice = CliUser::new(&server, dir.path());
+    alice
+        .run_ok(&["register", "alice", "--password", "alice-password"])
+        .await?;
+
+    // The state file is the client's own format (confab/src/client/state.rs).
+    let state_path = dir.path().join("state.json");
+    let expire_stored_token = || -> Result<String> {
+        let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?)?;
+        let token = state["login"]["access_token"]
+            .as_str()
+            .context("no access token")?;
+        let expired = resign(token, SECRET, -3600)?;
+        state["login"]["access_token"] = json!(expired);
+        // Claims a long life, so that only the server's refusal can trigger the refresh.
+        state["login"]["access_expires_at_ms"] = json!(i64::MAX / 2);
+        std::fs::write(&state_path, serde_json::to_string(&state)?)?;
+        Ok(expired)
+    };
+
+    let expired = expire_stored_token()?;
+    alice
+        .run_ok(&["conversations"])
+        .await
+        .context("unary call after expiry")?;
+    let stored: Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?)?;
+    assert_ne!(
+        stored["login"]["access_token"].as_str(),
+        Some(expired.as_str()),
+        "the new token is stored"
+    );
+
+    expire_stored_token()?;
+    let mut chat = alice.chat("bob")?;
+    chat.say("still me").await?;
+    chat.expect_line("✓").await.context("stream after expiry")?;
+    chat.quit().await?;
+    Ok(())
+}
