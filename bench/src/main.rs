@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for pair in pairs {
         tasks.push(tokio::spawn(pair.run(
-            channel.clone(),
+            args.server.clone(),
             Duration::from_secs_f64(1.0 / per_pair),
             total_per_pair,
             epoch,
@@ -169,14 +169,14 @@ impl Pair {
 
     async fn run(
         self,
-        channel: Channel,
+        server: String,
         interval: Duration,
         count: u64,
         epoch: Instant,
         recorder: Arc<Mutex<Recorder>>,
     ) -> anyhow::Result<()> {
-        let (receiver_out, mut receiver_in) = open(&channel, &self.receiver_token).await?;
-        let (sender_out, mut sender_in) = open(&channel, &self.sender_token).await?;
+        let (receiver_out, mut receiver_in) = open(&server, &self.receiver_token).await?;
+        let (sender_out, mut sender_in) = open(&server, &self.sender_token).await?;
         let mut sent = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut delivered = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
@@ -247,10 +247,9 @@ impl Pair {
 type Inbound = tonic::Streaming<ServerFrame>;
 
 /// Opens a live connection and waits until its catch-up is complete.
-async fn open(
-    channel: &Channel,
-    token: &str,
-) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
+/// Each live connection gets its own TCP connection, as each real device has.
+async fn open(server: &str, token: &str) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
+    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
     let (out, frames) = mpsc::channel(1024);
     out.send(ClientFrame {
         r#ref: 0,
@@ -265,10 +264,7 @@ async fn open(
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut inbound = EdgeClient::new(channel.clone())
-        .stream(request)
-        .await?
-        .into_inner();
+    let mut inbound = EdgeClient::new(channel).stream(request).await?.into_inner();
     loop {
         let frame = inbound.next().await.context("stream ended before sync")??;
         if let Some(server_frame::Kind::Synced(_)) = frame.kind {

@@ -46,6 +46,20 @@ impl EdgeApi {
         .await
     }
 
+    async fn user(&self, id: i64) -> Result<User, Status> {
+        let request = group::GetUserRequest {
+            id,
+            username: String::new(),
+        };
+        Ok(self
+            .gateway
+            .groups
+            .clone()
+            .get_user(request)
+            .await?
+            .into_inner())
+    }
+
     fn auth_response(&self, user: User) -> AuthResponse {
         let access = self.gateway.tokens.mint(user.id, TokenType::Access);
         let refresh = self.gateway.tokens.mint(user.id, TokenType::Refresh);
@@ -125,14 +139,9 @@ impl Accounts for EdgeApi {
         request: Request<RegisterRequest>,
     ) -> Result<Response<AuthResponse>, Status> {
         let RegisterRequest { username, password } = request.into_inner();
-        let user = self
-            .gateway
-            .groups
-            .clone()
-            .create_user(group::CreateUserRequest { username, password })
-            .await?
-            .into_inner();
-        Ok(Response::new(self.auth_response(user)))
+        let request = group::CreateUserRequest { username, password };
+        let user = self.gateway.groups.clone().create_user(request).await?;
+        Ok(Response::new(self.auth_response(user.into_inner())))
     }
 
     async fn login(
@@ -140,14 +149,9 @@ impl Accounts for EdgeApi {
         request: Request<LoginRequest>,
     ) -> Result<Response<AuthResponse>, Status> {
         let LoginRequest { username, password } = request.into_inner();
-        let user = self
-            .gateway
-            .groups
-            .clone()
-            .verify_password(group::VerifyPasswordRequest { username, password })
-            .await?
-            .into_inner();
-        Ok(Response::new(self.auth_response(user)))
+        let request = group::VerifyPasswordRequest { username, password };
+        let user = self.gateway.groups.clone().verify_password(request).await?;
+        Ok(Response::new(self.auth_response(user.into_inner())))
     }
 
     async fn refresh(
@@ -160,33 +164,20 @@ impl Accounts for EdgeApi {
             .tokens
             .verify_refresh(&token)
             .map_err(|_| Status::unauthenticated(crate::auth::REFUSED))?;
+        // A refresh token of a user that no longer exists is as good as none.
         let user = self
-            .gateway
-            .groups
-            .clone()
-            .get_user(group::GetUserRequest {
-                id: user_id,
-                username: String::new(),
-            })
+            .user(user_id)
             .await
             .map_err(|status| match status.code() {
                 Code::NotFound => Status::unauthenticated(crate::auth::REFUSED),
                 _ => status,
-            })?
-            .into_inner();
+            })?;
         Ok(Response::new(self.auth_response(user)))
     }
 
     async fn me(&self, request: Request<MeRequest>) -> Result<Response<User>, Status> {
         let user_id = self.caller(&request).await?;
-        self.gateway
-            .groups
-            .clone()
-            .get_user(group::GetUserRequest {
-                id: user_id,
-                username: String::new(),
-            })
-            .await
+        Ok(Response::new(self.user(user_id).await?))
     }
 }
 

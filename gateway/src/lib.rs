@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use confab_common::auth::TokenService;
 use confab_common::channel::GrpcChannel;
 use confab_proto::group::v1::groups_client::GroupsClient;
@@ -103,6 +104,13 @@ pub async fn serve(
     let closing = CancellationToken::new();
     let (router, health) = http::router(Arc::new(gateway), closing.clone())?;
     let stop_accepting = closing.clone();
+    // Small frames (acks, events) must leave at once: without TCP_NODELAY, Nagle's
+    // algorithm meets the peer's delayed ACK and holds them for tens of ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         health.set_not_serving().await;

@@ -159,3 +159,61 @@ async fn unauthenticated_is_refused() -> Result<()> {
     }
     Ok(())
 }
+
+/// Tokens minted by a trusted external identity provider (shared secret, pinned
+/// issuer) are accepted on unary calls and streams, their subject becoming a Confab
+/// user on first use; the same token with another issuer is refused.
+#[tokio::test]
+async fn external_tokens_accepted() -> Result<()> {
+    const APP_SECRET: &str = "the-app's-own-signing-secret-0123456789";
+    let server = Server::start_with(&[
+        "--external-jwt-secret",
+        APP_SECRET,
+        "--external-jwt-issuer",
+        "my-app",
+    ])
+    .await?;
+    let alice = server.register("alice").await?;
+    let mint = |issuer: &str| -> Result<String> {
+        let claims = json!({"sub": "carol", "iss": issuer, "exp": now_secs() + 600});
+        let key = jsonwebtoken::EncodingKey::from_secret(APP_SECRET.as_bytes())?;
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+    };
+    let carol_token = mint("my-app")?;
+
+    let mut carol = server.conversations_with(Some(&carol_token)).await?;
+    let request = confab_proto::v1::OpenDirectRequest {
+        user_id: 0,
+        username: "alice".into(),
+    };
+    let conversation = carol.open_direct(request).await?.into_inner();
+    assert!(conversation.member_ids.contains(&alice.id()));
+    let carol_id = *conversation
+        .member_ids
+        .iter()
+        .find(|&&id| id != alice.id())
+        .context("carol is a member")?;
+
+    let mut stream = Conn::new(GrpcTransport::open(&server, Some(&carol_token)).await?);
+    let welcome = stream.hello("carol-phone", 0).await?;
+    assert_eq!(
+        welcome.user_id, carol_id,
+        "the stream speaks for the same user"
+    );
+    let (mut alice_conn, _) = server.grpc_synced(&alice, "alice-phone", 0).await?;
+    let ack = stream
+        .send(conversation.id, "c1", "hello from carol")
+        .await?;
+    let (_, message) = alice_conn.next_message().await?;
+    assert_eq!((message.id, message.sender_id), (ack.message_id, carol_id));
+
+    let wrong_issuer = mint("someone-else")?;
+    let mut refused = server.conversations_with(Some(&wrong_issuer)).await?;
+    let status = refused
+        .list(ListConversationsRequest {})
+        .await
+        .expect_err("a token of another issuer was accepted");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    Ok(())
+}
