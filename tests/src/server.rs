@@ -107,6 +107,28 @@ impl Server {
         Ok(())
     }
 
+    /// Asks the server to shut down gracefully (SIGTERM) and returns its exit
+    /// status once it is gone.
+    ///
+    /// # Errors
+    ///
+    /// Fails when no server runs, the signal cannot be sent, or the server is
+    /// still running after `WAIT`.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("the server is not running")?;
+        let pid = child.id().context("the server has exited already")?;
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .context("running kill")?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(WAIT, child.wait())
+            .await
+            .context("the server did not exit after SIGTERM")?
+            .context("waiting for the server")
+    }
+
     /// Starts the server again on the same data dir (killing it first if it runs).
     /// The port changes: clients must connect again.
     ///

@@ -178,7 +178,8 @@ async fn acknowledged_messages_survive_kill9() -> Result<()> {
 }
 
 /// After a delivery, /metrics shows the connection gauge, the accepted counter and
-/// the delivery latency histogram; /healthz is 200 and gRPC health is SERVING.
+/// the delivery latency histogram; /healthz is 200, gRPC health is SERVING, and
+/// server reflection lists the edge services.
 #[tokio::test]
 async fn metrics_and_health() -> Result<()> {
     let server = Server::start().await?;
@@ -222,5 +223,70 @@ async fn metrics_and_health() -> Result<()> {
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(server.channel().await?);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = responses.message().await?.context("no reflection answer")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "confab.v1.Edge",
+        "confab.v1.Accounts",
+        "confab.v1.Conversations",
+    ] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    Ok(())
+}
+
+/// SIGTERM closes live connections with a "reconnect" error frame and a WebSocket
+/// close frame (1001, going away), and the process exits 0; what was
+/// acknowledged before is there after a restart.
+#[tokio::test]
+async fn graceful_shutdown() -> Result<()> {
+    let mut server = Server::start().await?;
+    let alice = server.register("alice").await?;
+    let bob = server.register("bob").await?;
+    let conversation = server.open_direct(&alice, &bob).await?;
+    let (mut bob_conn, _) = server.ws_synced(&bob, Encoding::Binary, "bob-1", 0).await?;
+    let (mut alice_conn, _) = server.grpc_synced(&alice, "alice-1", 0).await?;
+    let ack = alice_conn
+        .send(conversation, "m", "before shutdown")
+        .await?;
+    assert_eq!(bob_conn.next_message().await?.1.id, ack.message_id);
+
+    let status = server.terminate().await?;
+    assert!(status.success(), "exit status {status:?}");
+    let (frames, closed) = bob_conn.expect_closed().await?;
+    let last = frames.last().and_then(|frame| frame.kind.clone());
+    let Some(server_frame::Kind::Error(error)) = last else {
+        panic!("expected a final error frame, got {frames:?}");
+    };
+    assert_eq!((error.code, error.fatal), (14, true), "{error:?}");
+    assert_eq!(closed.ws_close_code, Some(1001), "{closed:?}");
+    let (_, closed) = alice_conn.expect_closed().await?;
+    assert_eq!(closed.grpc_code, Some(Code::Unavailable), "{closed:?}");
+
+    server.restart().await?;
+    let (_, synced) = server.grpc_synced(&bob, "bob-2", 0).await?;
+    let ids: Vec<i64> = synced
+        .events
+        .into_iter()
+        .map(|event| message_of(event).map(|(_, m)| m.id))
+        .collect::<Result<_>>()?;
+    assert_eq!(ids, [ack.message_id]);
     Ok(())
 }
