@@ -58,6 +58,7 @@ impl Messages for MessageService {
         let page =
             MessageService::sync(self, request.user_id, request.after, request.limit).await?;
         let events = page
+            .events
             .items
             .into_iter()
             .map(|user_event| Event {
@@ -67,7 +68,8 @@ impl Messages for MessageService {
             .collect();
         Ok(Response::new(SyncResponse {
             events,
-            has_more: page.has_more,
+            has_more: page.events.has_more,
+            head: page.head,
         }))
     }
 

@@ -39,7 +39,7 @@ pub use error::MessageError;
 pub use store::StoreError;
 
 use members::MemberCache;
-use store::{HistoryQuery, MessageStore, Page, StoredMessage, UserEvent};
+use store::{HistoryQuery, MessageStore, Page, StoredMessage, SyncPage};
 use writer::{SendCommand, Sent, WriterHandle, WriterStats};
 
 /// Longest accepted `client_msg_id`, in characters.
@@ -188,13 +188,9 @@ impl MessageService {
         Ok(self.inner.store.history(query).await?)
     }
 
-    /// Returns the events of `user_id` after the cursor `after`, in order.
-    async fn sync(
-        &self,
-        user_id: i64,
-        after: u64,
-        limit: u32,
-    ) -> Result<Page<UserEvent>, MessageError> {
+    /// Returns the events of `user_id` after the cursor `after`, in order, and
+    /// the user's head.
+    async fn sync(&self, user_id: i64, after: u64, limit: u32) -> Result<SyncPage, MessageError> {
         let limit = clamp_limit(limit, SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT);
         Ok(self.inner.store.sync(user_id, after, limit).await?)
     }
@@ -564,5 +560,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sync_len(&service, 1).await, 2);
+    }
+
+    /// Sync returns the user's head: 0 before any event, then the last seq, also
+    /// when the page stops short of it or the cursor is beyond it.
+    #[tokio::test]
+    async fn sync_returns_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, _live) = RecordingBus::new();
+        let service = open_service(&dir, bus).await;
+        let sync = |after, limit| {
+            let request = Request::new(SyncRequest {
+                user_id: 2,
+                after,
+                limit,
+            });
+            let service = service.clone();
+            async move {
+                Messages::sync(&service, request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        };
+        let empty = sync(0, 0).await;
+        assert_eq!((empty.events.len(), empty.head), (0, 0));
+        for i in 0..3 {
+            Messages::send(&service, send_request(1, 1, &format!("m{i}"), "hi"))
+                .await
+                .unwrap();
+        }
+        let first = sync(0, 1).await;
+        assert_eq!(
+            (first.events.len(), first.has_more, first.head),
+            (1, true, 3)
+        );
+        let all = sync(0, 0).await;
+        assert_eq!((all.events.len(), all.has_more, all.head), (3, false, 3));
+        let beyond = sync(7, 0).await;
+        assert_eq!(
+            (beyond.events.len(), beyond.has_more, beyond.head),
+            (0, false, 3)
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! ([`LogWriter`], owned by the one writer task). One file per backend:
 //! [`sqlite`] now; PostgreSQL and ScyllaDB later.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -81,6 +82,16 @@ pub(crate) struct Page<T> {
     pub(crate) has_more: bool,
 }
 
+/// A page of a user's event sequence, with the sequence's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SyncPage {
+    pub(crate) events: Page<UserEvent>,
+    /// The user's last assigned sequence number when the page was read (0 when
+    /// none): a device whose cursor is beyond it holds a cursor this server never
+    /// issued, and must not wait for events up to it.
+    pub(crate) head: u64,
+}
+
 /// Which part of a conversation's history to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct HistoryQuery {
@@ -107,13 +118,18 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         query: HistoryQuery,
     ) -> BoxFuture<'_, Result<Page<StoredMessage>, StoreError>>;
 
-    /// Returns up to `limit` events of `user_id` with `seq > after`, in seq order.
+    /// Returns up to `limit` events of `user_id` with `seq > after`, in seq order,
+    /// and the user's last assigned sequence number (the head).
+    ///
+    /// The page and the head are one consistent view: the page never holds an
+    /// event beyond the head, and `has_more` is false only when the page ends at
+    /// the head (or the cursor is at or beyond it).
     fn sync(
         &self,
         user_id: i64,
         after: u64,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Page<UserEvent>, StoreError>>;
+    ) -> BoxFuture<'_, Result<SyncPage, StoreError>>;
 
     /// Returns the newest message of each conversation that has one.
     fn last_messages<'a>(
@@ -126,34 +142,39 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 ///
 /// Every write happens between [`begin`](LogWriter::begin) and
 /// [`commit`](LogWriter::commit); reads through this trait see the writes of the
-/// open transaction.
+/// open transaction. Every method takes the whole batch, so that a commit costs a
+/// number of statements that does not grow with the number of messages (a
+/// backend splits a call only where its statements have a size limit).
 pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     /// Opens a write transaction.
     fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Returns the message `sender_id` sent with `client_msg_id`, if any.
-    fn find_sent<'a>(
+    /// Returns the stored messages among `keys` (sender id, client_msg_id), in no
+    /// particular order; keys never sent are left out.
+    fn find_sent_many<'a>(
         &'a mut self,
-        sender_id: i64,
-        client_msg_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StoredMessage>, StoreError>>;
+        keys: &'a [(i64, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>>;
 
-    /// Returns the last event sequence number of `user_id` (0 when none).
-    fn last_seq(&mut self, user_id: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
-
-    /// Inserts a new message.
-    fn insert_message<'a>(
+    /// Returns the last event sequence number of each of `user_ids` that has one;
+    /// users without events are left out (their last number is 0).
+    fn last_seqs<'a>(
         &'a mut self,
-        message: &'a StoredMessage,
+        user_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>>;
+
+    /// Inserts new messages; fails (and the caller rolls back) if one repeats the
+    /// (sender, client_msg_id) of a stored message or of another in `messages`.
+    fn insert_messages<'a>(
+        &'a mut self,
+        messages: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Appends a new-message event to the sequence of `user_id`.
-    fn insert_event(
-        &mut self,
-        user_id: i64,
-        seq: u64,
-        message_id: i64,
-    ) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Appends new-message events: `(user_id, seq, message_id)` each.
+    fn insert_events<'a>(
+        &'a mut self,
+        events: &'a [(i64, u64, i64)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Commits the open transaction; when this returns `Ok`, it is durable.
     fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -6,6 +6,7 @@
 //! in commit order within every conversation (section 3), and each user's event
 //! sequence is assigned here, gap-free (section 5).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,10 +119,19 @@ pub(crate) async fn submit(
     answer.await.map_err(|_| MessageError::ShuttingDown)?
 }
 
+/// Where the message a send is answered with comes from.
+#[derive(Debug, Clone, Copy)]
+enum Original {
+    /// Stored by an earlier batch: index into the dedup lookup's result.
+    Stored(usize),
+    /// New in this batch: index into the batch's new messages.
+    New(usize),
+}
+
 struct Writer {
     log: Box<dyn LogWriter>,
     ids: Snowflake,
-    /// Last sequence number per user, loaded with `last_seq` on first use.
+    /// Last sequence number per user, loaded with `last_seqs` on first use.
     /// Between batches it holds only committed values: a failed batch drops the
     /// users it touched.
     seqs: HashMap<i64, u64>,
@@ -186,6 +196,12 @@ impl Writer {
 
     /// Runs the whole batch in one transaction. On success `outcomes` holds one
     /// entry per request and `events` the new events in commit order.
+    ///
+    /// The statements do not grow with the batch: one dedup lookup, one lookup of
+    /// the last seqs not in memory, one insert of the messages and one of the
+    /// events (each split only at the backend's size limit). Everything else,
+    /// dedup within the batch included, is decided here in memory, in request
+    /// order.
     async fn apply(
         &mut self,
         batch: &[WriteRequest],
@@ -194,34 +210,75 @@ impl Writer {
         touched: &mut HashSet<i64>,
     ) -> Result<(), StoreError> {
         self.log.begin().await?;
-        for request in batch {
-            let command = &request.command;
-            // Also sees the inserts of this batch: a copy within one batch is a
-            // duplicate too.
-            if let Some(original) = self
-                .log
-                .find_sent(command.sender_id, &command.client_msg_id)
-                .await?
-            {
-                outcomes.push(Sent {
-                    message: original,
-                    duplicate: true,
-                });
-                continue;
+
+        let keys: Vec<(i64, &str)> = batch
+            .iter()
+            .map(|request| {
+                let command = &request.command;
+                (command.sender_id, command.client_msg_id.as_str())
+            })
+            .collect();
+        let stored = self.log.find_sent_many(&keys).await?;
+        // Where the message of each (sender, client_msg_id) is: stored before, or
+        // new in this batch. A key seen again (stored, or earlier in the batch)
+        // is a duplicate and gets that message.
+        let mut originals: HashMap<(i64, &str), Original> = stored
+            .iter()
+            .enumerate()
+            .map(|(i, message)| {
+                let key = (message.sender_id, message.client_msg_id.as_str());
+                (key, Original::Stored(i))
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut new_commands = Vec::new();
+        for (request, &key) in batch.iter().zip(&keys) {
+            match originals.entry(key) {
+                Entry::Occupied(original) => answers.push((*original.get(), true)),
+                Entry::Vacant(slot) => {
+                    let original = Original::New(new_commands.len());
+                    slot.insert(original);
+                    answers.push((original, false));
+                    new_commands.push(&request.command);
+                }
             }
+        }
+
+        let unknown: HashSet<i64> = new_commands
+            .iter()
+            .flat_map(|command| command.members.iter().copied())
+            .filter(|user_id| !self.seqs.contains_key(user_id))
+            .collect();
+        if !unknown.is_empty() {
+            let unknown: Vec<i64> = unknown.into_iter().collect();
+            let last = self.log.last_seqs(&unknown).await?;
+            // Committed values (the transaction has written nothing yet), so they
+            // may stay in the map whatever happens to this batch.
+            for user_id in unknown {
+                self.seqs
+                    .insert(user_id, last.get(&user_id).copied().unwrap_or(0));
+            }
+        }
+
+        let sent_at_ms = confab_common::now_ms();
+        let mut messages = Vec::with_capacity(new_commands.len());
+        let mut rows =
+            Vec::with_capacity(new_commands.iter().map(|c| c.members.len()).sum::<usize>());
+        for command in new_commands {
+            // In request order: ids increase in commit order in every
+            // conversation, and each user's seqs follow the same order.
             let message = StoredMessage {
                 id: self.ids.next_id(),
                 conversation_id: command.conversation_id,
                 sender_id: command.sender_id,
                 sender_device: command.sender_device.clone(),
                 client_msg_id: command.client_msg_id.clone(),
-                sent_at_ms: confab_common::now_ms(),
+                sent_at_ms,
                 text: command.text.clone(),
             };
-            self.log.insert_message(&message).await?;
             for &user_id in command.members.iter() {
-                let seq = self.next_seq(user_id, touched).await?;
-                self.log.insert_event(user_id, seq, message.id).await?;
+                let seq = self.next_seq(user_id, touched);
+                rows.push((user_id, seq, message.id));
                 let origin_device =
                     (user_id == command.sender_id).then(|| command.sender_device.clone());
                 events.push(Arc::new(LiveEvent {
@@ -234,30 +291,38 @@ impl Writer {
                     accepted_at: command.accepted_at,
                 }));
             }
-            outcomes.push(Sent {
-                message,
-                duplicate: false,
-            });
+            messages.push(message);
         }
+        if !messages.is_empty() {
+            self.log.insert_messages(&messages).await?;
+            self.log.insert_events(&rows).await?;
+        }
+
+        outcomes.extend(answers.into_iter().map(|(original, duplicate)| {
+            let message = match original {
+                Original::Stored(i) => stored[i].clone(),
+                Original::New(i) => messages[i].clone(),
+            };
+            Sent { message, duplicate }
+        }));
         // The acknowledgements wait for this: with synchronous = FULL the batch is
         // on disk when it returns.
         self.log.commit().await
     }
 
-    /// Returns the next sequence number of `user_id` and records it as used.
-    async fn next_seq(
-        &mut self,
-        user_id: i64,
-        touched: &mut HashSet<i64>,
-    ) -> Result<u64, StoreError> {
-        let last = match self.seqs.get(&user_id) {
-            Some(&last) => last,
-            None => self.log.last_seq(user_id).await?,
-        };
-        let next = last + 1;
+    /// Returns the next sequence number of `user_id` and records it as used. The
+    /// user's last number must be in `seqs` already (`apply` loads the missing
+    /// ones first).
+    fn next_seq(&mut self, user_id: i64, touched: &mut HashSet<i64>) -> u64 {
+        let last = self.seqs.get(&user_id).copied();
+        debug_assert!(last.is_some(), "last seq of user {user_id} not loaded");
+        // Were the invariant ever broken, the event's primary key (user_id, seq)
+        // refuses the reused number and the batch fails and reloads: no gap, no
+        // double.
+        let next = last.unwrap_or(0) + 1;
         self.seqs.insert(user_id, next);
         touched.insert(user_id);
-        Ok(next)
+        next
     }
 
     async fn fail_batch(
@@ -338,7 +403,7 @@ mod tests {
     }
 
     async fn all_events(store: &SqliteStore, user_id: i64) -> Vec<UserEvent> {
-        store.sync(user_id, 0, 10_000).await.unwrap().items
+        store.sync(user_id, 0, 10_000).await.unwrap().events.items
     }
 
     /// Fails the next commit when `fail` is set, like a full disk would.
@@ -352,29 +417,29 @@ mod tests {
         fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
             self.inner.begin()
         }
-        fn find_sent<'a>(
+        fn find_sent_many<'a>(
             &'a mut self,
-            sender_id: i64,
-            client_msg_id: &'a str,
-        ) -> BoxFuture<'a, Result<Option<StoredMessage>, StoreError>> {
-            self.inner.find_sent(sender_id, client_msg_id)
+            keys: &'a [(i64, &'a str)],
+        ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>> {
+            self.inner.find_sent_many(keys)
         }
-        fn last_seq(&mut self, user_id: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
-            self.inner.last_seq(user_id)
-        }
-        fn insert_message<'a>(
+        fn last_seqs<'a>(
             &'a mut self,
-            message: &'a StoredMessage,
+            user_ids: &'a [i64],
+        ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>> {
+            self.inner.last_seqs(user_ids)
+        }
+        fn insert_messages<'a>(
+            &'a mut self,
+            messages: &'a [StoredMessage],
         ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.insert_message(message)
+            self.inner.insert_messages(messages)
         }
-        fn insert_event(
-            &mut self,
-            user_id: i64,
-            seq: u64,
-            message_id: i64,
-        ) -> BoxFuture<'_, Result<(), StoreError>> {
-            self.inner.insert_event(user_id, seq, message_id)
+        fn insert_events<'a>(
+            &'a mut self,
+            events: &'a [(i64, u64, i64)],
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            self.inner.insert_events(events)
         }
         fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
             if self.fail.swap(false, Ordering::SeqCst) {
@@ -416,8 +481,8 @@ mod tests {
         assert_ne!(other.message.id, first.message.id);
     }
 
-    /// Two copies of one send inside one batch store one message: the second sees
-    /// the first's insert inside the transaction.
+    /// Two copies of one send inside one batch store one message: the second is
+    /// answered with the first's message, marked duplicate.
     #[tokio::test]
     async fn duplicate_within_one_batch() {
         let dir = tempfile::tempdir().unwrap();
@@ -524,7 +589,7 @@ mod tests {
             let Some(event::Kind::Message(message)) = &event.event.kind else {
                 panic!("not a message event");
             };
-            assert_eq!(stored.items[0].message.id, message.id);
+            assert_eq!(stored.events.items[0].message.id, message.id);
             let own = event.user_id == message.sender_id;
             assert_eq!(event.origin_device.is_some(), own);
         }
@@ -612,5 +677,119 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![3, 3]
         );
+    }
+
+    /// Three sends in one batch to a conversation of 6,000 members: 18,000 event
+    /// rows, more than one INSERT may carry (10,922 rows of 3 parameters), all
+    /// stored, each member's seqs 1, 2, 3 in the messages' commit order.
+    #[tokio::test]
+    async fn batch_beyond_one_chunk_stores_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(&dir, None).await;
+        let members: Vec<i64> = (1..=6_000).collect();
+        let (a, b, c) = tokio::join!(
+            submit(&s.handle, command(1, 10, &members, "a")),
+            submit(&s.handle, command(2, 10, &members, "b")),
+            submit(&s.handle, command(3, 10, &members, "c")),
+        );
+        let ids = [a.unwrap(), b.unwrap(), c.unwrap()].map(|sent| sent.message.id);
+        assert_eq!(s.stats.commits.load(Ordering::Relaxed), 1, "one batch");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        for &user in &members {
+            let events = all_events(&s.store, user).await;
+            let stored: Vec<(u64, i64)> = events.iter().map(|e| (e.seq, e.message.id)).collect();
+            assert_eq!(
+                stored,
+                vec![(1, ids[0]), (2, ids[1]), (3, ids[2])],
+                "user {user}"
+            );
+        }
+        assert_eq!(s.bus.events.lock().len(), 18_000);
+    }
+
+    /// 600 sends queued at once with batches of at most 512: every one stored
+    /// once, in at least two commits, each member's seqs 1..=600 with ids
+    /// increasing along them.
+    #[tokio::test]
+    async fn more_sends_than_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(&dir, None).await;
+        let members = [1, 2, 3, 4];
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..600_i64 {
+            let handle = s.handle.clone();
+            let sender = 1 + i % 4;
+            tasks.spawn(async move {
+                submit(&handle, command(sender, 10, &members, &format!("m{i}"))).await
+            });
+        }
+        let mut sent = Vec::new();
+        while let Some(result) = tasks.join_next().await {
+            let result = result.unwrap().unwrap();
+            assert!(!result.duplicate);
+            sent.push(result.message.id);
+        }
+        let commits = s.stats.commits.load(Ordering::Relaxed);
+        let largest = s.stats.max_batch.load(Ordering::Relaxed);
+        println!("600 queued sends: {commits} commits, largest batch {largest}");
+        assert!(commits >= 2, "{commits} commits");
+        assert!(largest <= 512, "batch of {largest}");
+        sent.sort_unstable();
+        sent.dedup();
+        assert_eq!(sent.len(), 600);
+        for user in members {
+            let events = all_events(&s.store, user).await;
+            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=600).collect::<Vec<_>>(), "user {user}");
+            let ids: Vec<i64> = events.iter().map(|e| e.message.id).collect();
+            assert_eq!(ids, sent, "user {user}: ids follow the seqs");
+        }
+    }
+
+    /// A copy in the batch of a message stored by an earlier batch, and a second
+    /// copy of a new one, are both answered from the right original, and the
+    /// seqs of the batch stay gap-free.
+    #[tokio::test]
+    async fn duplicates_of_stored_and_new_in_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = setup(&dir, None).await;
+        let old = submit(&s.handle, command(1, 10, &[1, 2], "old"))
+            .await
+            .unwrap();
+        let (retry, fresh, copy, other) = tokio::join!(
+            submit(&s.handle, command(1, 10, &[1, 2], "old")),
+            submit(&s.handle, command(2, 10, &[1, 2], "new")),
+            submit(&s.handle, command(2, 10, &[1, 2], "new")),
+            submit(&s.handle, command(1, 10, &[1, 2], "other")),
+        );
+        let (retry, fresh, copy, other) = (
+            retry.unwrap(),
+            fresh.unwrap(),
+            copy.unwrap(),
+            other.unwrap(),
+        );
+        assert_eq!(s.stats.commits.load(Ordering::Relaxed), 2);
+        assert_eq!((retry.duplicate, &retry.message), (true, &old.message));
+        assert!(!fresh.duplicate && !other.duplicate);
+        assert_eq!(
+            (copy.duplicate, copy.message),
+            (true, fresh.message.clone())
+        );
+        assert!(fresh.message.id < other.message.id);
+        for user in [1, 2] {
+            let ids: Vec<(u64, i64)> = all_events(&s.store, user)
+                .await
+                .iter()
+                .map(|e| (e.seq, e.message.id))
+                .collect();
+            assert_eq!(
+                ids,
+                vec![
+                    (1, old.message.id),
+                    (2, fresh.message.id),
+                    (3, other.message.id)
+                ]
+            );
+        }
     }
 }
