@@ -1,274 +1,40 @@
 //! `confab-bench`: drives a running Confab through its public gRPC API, the way
 //! real clients do, and reports latency percentiles from HDR histograms.
 //!
-//! Scenario `one-to-one`: P pairs of freshly registered users, each on its own
-//! `Edge.Stream`; every sender sends on a fixed schedule (open loop: the next send
-//! does not wait for the previous acknowledgement, so a slow server shows up as
-//! latency instead of hiding it). Latency is measured from the *scheduled* send
-//! time to the acknowledgement (*sent*) and to the arrival at the peer
-//! (*delivered*).
+//! - [`one_to_one`]: pairs chatting at a scheduled rate (open loop).
+//! - [`group`]: one group of G connected members; time until the last member
+//!   has each message.
+//! - [`client`]: live connections.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use clap::{Parser, Subcommand};
 
-use anyhow::Context as _;
-use clap::Parser;
-use confab_proto::v1::accounts_client::AccountsClient;
-use confab_proto::v1::conversations_client::ConversationsClient;
-use confab_proto::v1::edge_client::EdgeClient;
-use confab_proto::v1::{
-    ClientFrame, Hello, OpenDirectRequest, RegisterRequest, SendMessage, ServerFrame, client_frame,
-    event, server_frame,
-};
-use hdrhistogram::Histogram;
-use tokio::sync::{Mutex, mpsc};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+mod client;
+mod group;
+mod one_to_one;
 
 /// Load generator for Confab.
 #[derive(Debug, Parser)]
-struct Args {
+struct Cli {
     /// The server's gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:7600")]
+    #[arg(long, global = true, default_value = "http://127.0.0.1:7600")]
     server: String,
-    /// Sender/receiver pairs, each with its own conversation.
-    #[arg(long, default_value_t = 50)]
-    pairs: usize,
-    /// Messages per second, over all pairs.
-    #[arg(long, default_value_t = 2_000)]
-    rate: u64,
-    /// Seconds of sending.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    #[command(subcommand)]
+    scenario: Scenario,
 }
 
-/// Latencies in microseconds, merged from every connection.
-struct Recorder {
-    sent: Histogram<u64>,
-    delivered: Histogram<u64>,
-}
-
-impl Recorder {
-    fn new() -> anyhow::Result<Self> {
-        Ok(Self {
-            sent: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-            delivered: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-        })
-    }
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Pairs of users exchanging messages at a target rate.
+    OneToOne(one_to_one::Args),
+    /// One group with every member connected: fan-out time of each message.
+    Group(group::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let channel = Channel::from_shared(args.server.clone())?
-        .connect()
-        .await
-        .context("cannot connect to the server")?;
-    let run_id: u32 = rand::random();
-    let per_pair = args.rate as f64 / args.pairs as f64;
-    let total_per_pair = (per_pair * args.seconds as f64).round() as u64;
-    anyhow::ensure!(
-        per_pair > 0.0 && total_per_pair > 0,
-        "rate too low for this many pairs"
-    );
-    let recorder = Arc::new(Mutex::new(Recorder::new()?));
-    let epoch = Instant::now();
-
-    eprintln!("setting up {} pairs", args.pairs);
-    let mut pairs = Vec::new();
-    for i in 0..args.pairs {
-        pairs.push(Pair::setup(&channel, run_id, i).await?);
-    }
-    eprintln!(
-        "sending {} msg/s for {} s ({per_pair:.1} msg/s per pair)",
-        args.rate, args.seconds
-    );
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for pair in pairs {
-        tasks.push(tokio::spawn(pair.run(
-            args.server.clone(),
-            Duration::from_secs_f64(1.0 / per_pair),
-            total_per_pair,
-            epoch,
-            recorder.clone(),
-        )));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let recorder = recorder.lock().await;
-    let delivered = recorder.delivered.len();
-    println!(
-        "one-to-one: {} pairs, offered {} msg/s, {} delivered in {elapsed:.1} s = {:.0} msg/s",
-        args.pairs,
-        args.rate,
-        delivered,
-        delivered as f64 / elapsed
-    );
-    for (name, histogram) in [("sent", &recorder.sent), ("delivered", &recorder.delivered)] {
-        println!(
-            "  send->{name:<9} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  max {:>8.2} ms",
-            ms(histogram.value_at_quantile(0.50)),
-            ms(histogram.value_at_quantile(0.90)),
-            ms(histogram.value_at_quantile(0.99)),
-            ms(histogram.value_at_quantile(0.999)),
-            ms(histogram.max()),
-        );
-    }
-    Ok(())
-}
-
-fn ms(micros: u64) -> f64 {
-    micros as f64 / 1000.0
-}
-
-/// One sender and one receiver in one direct conversation.
-struct Pair {
-    sender_token: String,
-    receiver_token: String,
-    conversation_id: i64,
-}
-
-impl Pair {
-    async fn setup(channel: &Channel, run_id: u32, i: usize) -> anyhow::Result<Self> {
-        let mut accounts = AccountsClient::new(channel.clone());
-        let mut tokens = Vec::new();
-        for role in ["s", "r"] {
-            let response = accounts
-                .register(RegisterRequest {
-                    username: format!("b{run_id:08x}{role}{i}"),
-                    password: "bench-password".into(),
-                })
-                .await?
-                .into_inner();
-            tokens.push((response.access_token, response.user.unwrap_or_default().id));
-        }
-        let (receiver_token, receiver_id) = tokens.pop().unwrap_or_default();
-        let (sender_token, _) = tokens.pop().unwrap_or_default();
-        let mut request = tonic::Request::new(OpenDirectRequest {
-            user_id: receiver_id,
-            username: String::new(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {sender_token}").parse()?);
-        let conversation = ConversationsClient::new(channel.clone())
-            .open_direct(request)
-            .await?
-            .into_inner();
-        Ok(Self {
-            sender_token,
-            receiver_token,
-            conversation_id: conversation.id,
-        })
-    }
-
-    async fn run(
-        self,
-        server: String,
-        interval: Duration,
-        count: u64,
-        epoch: Instant,
-        recorder: Arc<Mutex<Recorder>>,
-    ) -> anyhow::Result<()> {
-        let (receiver_out, mut receiver_in) = open(&server, &self.receiver_token).await?;
-        let (sender_out, mut sender_in) = open(&server, &self.sender_token).await?;
-        let mut sent = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        let mut delivered = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-
-        // The receiver: every message's text is its scheduled send time.
-        let receiving = tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            while histogram.len() < count {
-                let frame = receiver_in
-                    .next()
-                    .await
-                    .context("receiver stream ended")??;
-                if let Some(server_frame::Kind::Event(ev)) = frame.kind
-                    && let Some(event::Kind::Message(message)) = ev.kind
-                {
-                    let scheduled: u64 = message.text.parse()?;
-                    let now = epoch.elapsed().as_micros() as u64;
-                    histogram.record(now.saturating_sub(scheduled).max(1))?;
-                }
-            }
-            drop(receiver_out);
-            anyhow::Ok(histogram)
-        });
-
-        // The sender: a fixed schedule, acknowledgements matched by ref.
-        let mut scheduled_at = HashMap::new();
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let mut next = 1u64;
-        while sent.len() < count {
-            tokio::select! {
-                _ = ticker.tick(), if next <= count => {
-                    let scheduled = epoch.elapsed().as_micros() as u64;
-                    scheduled_at.insert(next, scheduled);
-                    let frame = ClientFrame {
-                        r#ref: next,
-                        kind: Some(client_frame::Kind::Send(SendMessage {
-                            conversation_id: self.conversation_id,
-                            client_msg_id: format!("m{next}"),
-                            text: scheduled.to_string(),
-                        })),
-                    };
-                    sender_out.send(frame).await?;
-                    next += 1;
-                }
-                frame = sender_in.next() => {
-                    let frame = frame.context("sender stream ended")??;
-                    if let Some(server_frame::Kind::Sent(_)) = frame.kind
-                        && let Some(scheduled) = scheduled_at.remove(&frame.r#ref)
-                    {
-                        let now = epoch.elapsed().as_micros() as u64;
-                        sent.record(now.saturating_sub(scheduled).max(1))?;
-                    }
-                    if let Some(server_frame::Kind::Error(error)) = frame.kind {
-                        anyhow::bail!("send failed: {} {}", error.reason, error.message);
-                    }
-                }
-            }
-        }
-        delivered.add(receiving.await??)?;
-        drop(sender_out);
-        let mut recorder = recorder.lock().await;
-        recorder.sent.add(&sent)?;
-        recorder.delivered.add(&delivered)?;
-        Ok(())
-    }
-}
-
-type Inbound = tonic::Streaming<ServerFrame>;
-
-/// Opens a live connection and waits until its catch-up is complete.
-/// Each live connection gets its own TCP connection, as each real device has.
-async fn open(server: &str, token: &str) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
-    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
-    let (out, frames) = mpsc::channel(1024);
-    out.send(ClientFrame {
-        r#ref: 0,
-        kind: Some(client_frame::Kind::Hello(Hello {
-            token: String::new(),
-            device_id: "bench".into(),
-            cursor: 0,
-        })),
-    })
-    .await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(frames));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut inbound = EdgeClient::new(channel).stream(request).await?.into_inner();
-    loop {
-        let frame = inbound.next().await.context("stream ended before sync")??;
-        if let Some(server_frame::Kind::Synced(_)) = frame.kind {
-            return Ok((out, inbound));
-        }
+    let cli = Cli::parse();
+    match cli.scenario {
+        Scenario::OneToOne(args) => one_to_one::run(&cli.server, args).await,
+        Scenario::Group(args) => group::run(&cli.server, args).await,
     }
 }

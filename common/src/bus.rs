@@ -11,12 +11,22 @@ use std::time::Instant;
 
 use confab_proto::v1::Event;
 
-/// One event of one user's sequence, on its way to that user's live devices.
+/// Who a live event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Every live device of this user; the event is in the user's sequence.
+    User(i64),
+    /// Every connection that has this channel open (a channel post: fan-out on
+    /// read, in nobody's sequence).
+    Channel(i64),
+}
+
+/// One event on its way to live devices.
 #[derive(Debug)]
 pub struct LiveEvent {
-    /// The user whose sequence holds the event.
-    pub user_id: i64,
-    /// The event, with its sequence number.
+    /// Whose devices get it.
+    pub audience: Audience,
+    /// The event, with its sequence number (0 for channel posts).
     pub event: Event,
     /// Device that caused the event; it gets the event too (its cursor must not
     /// skip a number), but the send-to-deliver latency excludes it.
@@ -27,6 +37,7 @@ pub struct LiveEvent {
 
 /// Delivers committed events to live devices.
 pub trait LiveBus: Send + Sync + std::fmt::Debug + 'static {
-    /// Hands over events, in sequence order per user. Must not block.
+    /// Hands over events, in sequence order per user and in commit order per
+    /// channel. Must not block.
     fn publish(&self, events: &[Arc<LiveEvent>]);
 }

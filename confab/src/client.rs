@@ -3,11 +3,14 @@
 //! - [`state`]: the JSON file in the state dir (device id, tokens, cursor).
 //! - [`session`]: a channel to the server with the stored tokens, refreshed once
 //!   when the access token has expired.
-//! - [`listing`]: `conversations` and `history`.
-//! - [`chat`]: `chat <peer>`: catch-up and live messages over `Edge.Stream`.
+//! - [`listing`]: `conversations` (with unread counts) and `history`.
+//! - [`groups`]: `group create/add/remove/leave/members/info`.
+//! - [`chat`]: `chat <peer>` or `chat --conversation <id>`: catch-up and live
+//!   messages over `Edge.Stream`, receipts both ways.
 //! - [`show`]: how messages, times and errors are printed.
 
 mod chat;
+mod groups;
 mod listing;
 mod session;
 mod show;
@@ -50,7 +53,7 @@ enum ClientCommand {
     Register(Credentials),
     /// Logs in to an existing account.
     Login(Credentials),
-    /// Lists conversations with their last message.
+    /// Lists conversations with their last message and unread count.
     Conversations,
     /// Prints one page of the conversation with a user, oldest to newest.
     History {
@@ -63,12 +66,19 @@ enum ClientCommand {
         #[arg(long)]
         before: Option<i64>,
     },
-    /// Chats with a user: prints what was missed, then live messages; every
-    /// stdin line is sent; ends at end of input.
+    /// Chats with a user or in a group: prints what was missed, then live
+    /// messages and receipts; every stdin line is sent; ends at end of input.
     Chat {
         /// The other user's name.
-        peer: String,
+        #[arg(required_unless_present = "conversation")]
+        peer: Option<String>,
+        /// A conversation (group, channel) by id instead of a user.
+        #[arg(long, conflicts_with = "peer")]
+        conversation: Option<i64>,
     },
+    /// Groups: create, add, remove, leave, members, info.
+    #[command(subcommand)]
+    Group(groups::GroupCommand),
 }
 
 /// A username and where its password comes from.
@@ -103,9 +113,18 @@ pub(crate) async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
             let mut session = Session::open(&args.server, state_file).await?;
             listing::history(&mut session, &peer, limit, before.unwrap_or(0)).await
         }
-        ClientCommand::Chat { peer } => {
+        ClientCommand::Chat { peer, conversation } => {
             let mut session = Session::open(&args.server, state_file).await?;
-            chat::run(&mut session, &peer).await
+            let target = match (peer, conversation) {
+                (_, Some(id)) => chat::Target::Conversation(id),
+                (Some(peer), None) => chat::Target::Peer(peer),
+                (None, None) => bail!("give a user name or --conversation ID"),
+            };
+            chat::run(&mut session, target).await
+        }
+        ClientCommand::Group(command) => {
+            let mut session = Session::open(&args.server, state_file).await?;
+            groups::run(&mut session, command).await
         }
     }
 }

@@ -16,7 +16,7 @@ use confab_common::auth::{ExternalIssuer, TokenService};
 use confab_common::bus::LiveBus;
 use confab_common::channel::in_process;
 use confab_gateway::{Gateway, GatewayConfig, Hub};
-use confab_group_svc::GroupService;
+use confab_group_svc::{GroupLimits, GroupService};
 use confab_message_svc::{MessageConfig, MessageService};
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::group::v1::groups_server::GroupsServer;
@@ -48,6 +48,12 @@ pub(crate) struct ServeArgs {
     /// Largest client frame (WebSocket message, gRPC message), in bytes.
     #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     max_frame_bytes: usize,
+    /// Most members of a group, the owner included.
+    #[arg(long, env = "CONFAB_MAX_GROUP_SIZE", default_value_t = 1024)]
+    max_group_size: u32,
+    /// Most subscribers of a channel, the owner included.
+    #[arg(long, env = "CONFAB_MAX_CHANNEL_SIZE", default_value_t = 1_000_000)]
+    max_channel_size: u32,
     /// Lifetime of access tokens, in seconds.
     #[arg(long, env = "CONFAB_ACCESS_TTL_SECS", default_value_t = 15 * 60)]
     access_ttl_secs: u64,
@@ -107,7 +113,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .node_id;
     let node_id = u16::try_from(node_id).context("node id out of range")?;
 
-    let group_service = GroupService::open_sqlite(&args.data_dir.join("meta.db"), node_id)
+    let limits = GroupLimits {
+        max_group_size: args.max_group_size,
+        max_channel_size: args.max_channel_size,
+    };
+    let group_service = GroupService::open_sqlite(&args.data_dir.join("meta.db"), node_id, limits)
         .await
         .context("cannot open the metadata store")?;
     let groups = GroupsClient::new(in_process(GroupsServer::new(group_service)));
@@ -163,6 +173,9 @@ fn validate(args: &ServeArgs) -> Result<(), String> {
             "--max-frame-bytes ({}) must exceed --max-text-bytes ({}) by at least 1024",
             args.max_frame_bytes, args.max_text_bytes
         ));
+    }
+    if args.max_group_size < 2 || args.max_channel_size < 2 {
+        return Err("--max-group-size and --max-channel-size must be at least 2".into());
     }
     if args.access_ttl_secs == 0 || args.refresh_ttl_secs < args.access_ttl_secs {
         return Err("token lifetimes must be positive, refresh at least as long as access".into());

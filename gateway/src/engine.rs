@@ -8,14 +8,17 @@
 //! gap or a duplicate (DESIGN.md section 5, invariant 4).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use confab_common::bus::LiveEvent;
-use confab_proto::message::v1::{SendRequest, SendResponse, SyncRequest};
+use confab_proto::group::v1::{GetConversationRequest, GetMemberRequest};
+use confab_proto::message::v1::{SendRequest, SendResponse, SyncRequest, UpdateReceiptsRequest};
 use confab_proto::session::v1::{RegisterDeviceRequest, UnregisterDeviceRequest};
 use confab_proto::v1::{
-    ClientFrame, Error as ErrorFrame, Hello, Pong, SendAck, SendMessage, ServerFrame, SyncComplete,
-    Welcome, client_frame, server_frame,
+    ClientFrame, CloseChannel, ConversationKind, Delivered, Done, Error as ErrorFrame, Hello,
+    MarkRead, OpenChannel, Pong, SendAck, SendMessage, ServerFrame, SyncComplete, Welcome,
+    client_frame, server_frame,
 };
 use futures::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
@@ -173,6 +176,11 @@ impl Session {
             return End::SinkClosed;
         }
 
+        // The one client frame being answered. Frames are answered one at a time
+        // in arrival order (a device's messages keep their order), while live
+        // events keep flowing to the device during a send's commit.
+        let mut answering: Option<Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send + '_>>> =
+            None;
         loop {
             tokio::select! {
                 biased;
@@ -185,31 +193,42 @@ impl Session {
                     let Some(live) = live else {
                         return self.kicked(&registration, sink).await;
                     };
-                    // Catch-up may have sent it already: the join of the two is by seq.
-                    if live.event.seq <= last_sent {
-                        continue;
+                    // Channel posts (seq 0) are in no sequence. For the rest, catch-up
+                    // may have sent the event already: the join of the two is by seq.
+                    if live.event.seq != 0 {
+                        if live.event.seq <= last_sent {
+                            continue;
+                        }
+                        last_sent = live.event.seq;
                     }
-                    last_sent = live.event.seq;
                     self.observe_latency(&live);
                     let event = server_frame::Kind::Event(live.event.clone());
                     if sink.send(frame(0, event)).await.is_err() {
                         return End::SinkClosed;
                     }
                 }
-                incoming = inbound.next() => {
-                    let reply = match incoming {
-                        None => return End::ClientClosed,
-                        Some(Inbound::TooLarge) => return End::TooLarge,
-                        Some(Inbound::Malformed(why)) => {
-                            let status = Status::invalid_argument(format!("malformed frame: {why}"));
-                            Some(error_frame_reason(0, &status, "malformed", false))
-                        }
-                        Some(Inbound::Frame(client)) => self.handle(client).await,
-                    };
+                reply = async { answering.as_mut().expect("guarded by is_some").await },
+                    if answering.is_some() =>
+                {
+                    answering = None;
                     if let Some(reply) = reply
                         && sink.send(reply).await.is_err()
                     {
                         return End::SinkClosed;
+                    }
+                }
+                incoming = inbound.next(), if answering.is_none() => {
+                    match incoming {
+                        None => return End::ClientClosed,
+                        Some(Inbound::TooLarge) => return End::TooLarge,
+                        Some(Inbound::Malformed(why)) => {
+                            let status = Status::invalid_argument(format!("malformed frame: {why}"));
+                            let reply = error_frame_reason(0, &status, "malformed", false);
+                            if sink.send(reply).await.is_err() {
+                                return End::SinkClosed;
+                            }
+                        }
+                        Some(Inbound::Frame(client)) => answering = Some(Box::pin(self.handle(client))),
                     }
                 }
             }
@@ -217,8 +236,13 @@ impl Session {
     }
 
     /// Sends every stored event after `cursor`; returns the last seq sent.
+    ///
+    /// A cursor beyond the user's last sequence number was not issued by this
+    /// server (a restored backup, a wiped store): it is reset to that number, or
+    /// the device would skip the live events up to its cursor.
     async fn catch_up<S: FrameSink>(&self, cursor: u64, sink: &mut S) -> Result<u64, End> {
         let mut after = cursor;
+        let mut first = true;
         loop {
             let request = SyncRequest {
                 user_id: self.user_id,
@@ -233,6 +257,15 @@ impl Session {
                     return Err(End::SinkClosed);
                 }
             };
+            if std::mem::take(&mut first) && after > page.head {
+                tracing::info!(
+                    user_id = self.user_id,
+                    cursor,
+                    head = page.head,
+                    "cursor beyond head; reset"
+                );
+                after = page.head;
+            }
             for event in page.events {
                 after = event.seq;
                 let event = server_frame::Kind::Event(event);
@@ -255,6 +288,22 @@ impl Session {
                 reference,
                 server_frame::Kind::Pong(Pong { nonce: ping.nonce }),
             )),
+            Some(client_frame::Kind::Delivered(Delivered {
+                conversation_id,
+                up_to,
+            })) => Some(self.receipts(reference, conversation_id, up_to, 0).await),
+            Some(client_frame::Kind::MarkRead(MarkRead {
+                conversation_id,
+                up_to,
+            })) => Some(self.receipts(reference, conversation_id, 0, up_to).await),
+            Some(client_frame::Kind::OpenChannel(OpenChannel { conversation_id })) => {
+                Some(self.open_channel(reference, conversation_id).await)
+            }
+            Some(client_frame::Kind::CloseChannel(CloseChannel { conversation_id })) => {
+                let hub = &self.gateway.hub;
+                hub.close_channel(self.user_id, self.connection_id, conversation_id);
+                Some(frame(reference, server_frame::Kind::Done(Done {})))
+            }
             Some(client_frame::Kind::Hello(_)) => {
                 let status = Status::invalid_argument("hello was sent already");
                 Some(error_frame(reference, &status, false))
@@ -281,6 +330,69 @@ impl Session {
             ),
             Err(status) => error_frame(reference, &status, false),
         }
+    }
+
+    /// Moves this user's watermarks (0 leaves one unchanged).
+    async fn receipts(
+        &self,
+        reference: u64,
+        conversation_id: i64,
+        delivered: i64,
+        read: i64,
+    ) -> ServerFrame {
+        let request = UpdateReceiptsRequest {
+            user_id: self.user_id,
+            conversation_id,
+            delivered_up_to: delivered,
+            read_up_to: read,
+        };
+        match self.gateway.messages.clone().update_receipts(request).await {
+            Ok(_) => frame(reference, server_frame::Kind::Done(Done {})),
+            Err(status) => error_frame(reference, &status, false),
+        }
+    }
+
+    /// Sends the channel's posts to this connection while it is open; subscribers
+    /// only.
+    async fn open_channel(&self, reference: u64, conversation_id: i64) -> ServerFrame {
+        let request = GetConversationRequest { conversation_id };
+        let checked = async {
+            let member = GetMemberRequest {
+                conversation_id,
+                user_id: self.user_id,
+            };
+            self.gateway.groups.clone().get_member(member).await?;
+            let conversation = self
+                .gateway
+                .groups
+                .clone()
+                .get_conversation(request)
+                .await?;
+            if conversation.get_ref().kind() != ConversationKind::Channel {
+                return Err(Status::invalid_argument("not a channel"));
+            }
+            Ok(())
+        };
+        if let Err(status) = checked.await {
+            // Not a member: the same NOT_FOUND as a conversation that does not exist.
+            let status = match status.code() {
+                Code::NotFound => Status::not_found("no such conversation"),
+                _ => status,
+            };
+            return error_frame(reference, &status, false);
+        }
+        if !self
+            .gateway
+            .hub
+            .open_channel(self.user_id, self.connection_id, conversation_id)
+        {
+            let status = Status::resource_exhausted(format!(
+                "at most {} channels open per connection",
+                crate::hub::MAX_OPEN_CHANNELS
+            ));
+            return error_frame(reference, &status, false);
+        }
+        frame(reference, server_frame::Kind::Done(Done {}))
     }
 
     async fn kicked<S: FrameSink>(

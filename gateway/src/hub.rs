@@ -5,11 +5,11 @@
 //! from its cursor when it reconnects, so no process ever buffers without limit
 //! (DESIGN.md section 2).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use confab_common::bus::{LiveBus, LiveEvent};
+use confab_common::bus::{Audience, LiveBus, LiveEvent};
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
@@ -39,14 +39,22 @@ struct Slot {
     device_id: String,
     events: mpsc::Sender<Arc<LiveEvent>>,
     kicked: Arc<OnceLock<Kicked>>,
+    /// Channels this connection has open.
+    channels: Vec<i64>,
 }
 
-/// The live devices of this node, by user.
+/// The live devices of this node, by user, and the channels they have open.
 #[derive(Debug, Default)]
 pub struct Hub {
     next_connection: AtomicU64,
     users: RwLock<HashMap<i64, Vec<Slot>>>,
+    /// Channel id -> the (user, connection) pairs that have it open. Channel posts
+    /// go only to these (DESIGN.md section 4: fan-out on read).
+    viewers: RwLock<HashMap<i64, HashSet<(i64, u64)>>>,
 }
+
+/// Channels one connection may have open at once.
+pub const MAX_OPEN_CHANNELS: usize = 32;
 
 impl Hub {
     /// Returns an empty hub.
@@ -65,14 +73,20 @@ impl Hub {
             device_id: device_id.to_owned(),
             events: sender,
             kicked: kicked.clone(),
+            channels: Vec::new(),
         };
         let mut users = self.users.write();
         let slots = users.entry(user_id).or_default();
-        if let Some(old) = slots.iter().position(|s| s.device_id == device_id) {
-            let old = slots.swap_remove(old);
-            let _ = old.kicked.set(Kicked::Replaced);
-        }
+        let replaced = slots
+            .iter()
+            .position(|s| s.device_id == device_id)
+            .map(|old| slots.swap_remove(old));
         slots.push(slot);
+        drop(users);
+        if let Some(old) = replaced {
+            let _ = old.kicked.set(Kicked::Replaced);
+            self.forget_viewer(user_id, old.connection_id, &old.channels);
+        }
         Registration {
             connection_id,
             events,
@@ -80,15 +94,90 @@ impl Hub {
         }
     }
 
+    /// Sends the channel's posts to this connection from now on. Returns false
+    /// when the connection has [`MAX_OPEN_CHANNELS`] open already.
+    pub fn open_channel(&self, user_id: i64, connection_id: u64, channel_id: i64) -> bool {
+        let mut users = self.users.write();
+        let Some(slot) = users
+            .get_mut(&user_id)
+            .and_then(|slots| slots.iter_mut().find(|s| s.connection_id == connection_id))
+        else {
+            return false;
+        };
+        if !slot.channels.contains(&channel_id) {
+            if slot.channels.len() >= MAX_OPEN_CHANNELS {
+                return false;
+            }
+            slot.channels.push(channel_id);
+        }
+        self.viewers
+            .write()
+            .entry(channel_id)
+            .or_default()
+            .insert((user_id, connection_id));
+        true
+    }
+
+    /// Stops sending the channel's posts to this connection.
+    pub fn close_channel(&self, user_id: i64, connection_id: u64, channel_id: i64) {
+        let mut users = self.users.write();
+        if let Some(slot) = users
+            .get_mut(&user_id)
+            .and_then(|slots| slots.iter_mut().find(|s| s.connection_id == connection_id))
+        {
+            slot.channels.retain(|&c| c != channel_id);
+        }
+        self.forget_viewer(user_id, connection_id, &[channel_id]);
+    }
+
+    /// Closes a channel for every connection of a user who is no longer a
+    /// subscriber.
+    pub fn close_channel_for_user(&self, user_id: i64, channel_id: i64) {
+        let connections: Vec<u64> = {
+            let mut users = self.users.write();
+            let Some(slots) = users.get_mut(&user_id) else {
+                return;
+            };
+            slots
+                .iter_mut()
+                .filter(|slot| slot.channels.contains(&channel_id))
+                .map(|slot| {
+                    slot.channels.retain(|&c| c != channel_id);
+                    slot.connection_id
+                })
+                .collect()
+        };
+        for connection_id in connections {
+            self.forget_viewer(user_id, connection_id, &[channel_id]);
+        }
+    }
+
+    fn forget_viewer(&self, user_id: i64, connection_id: u64, channels: &[i64]) {
+        let mut viewers = self.viewers.write();
+        for channel_id in channels {
+            if let Some(set) = viewers.get_mut(channel_id) {
+                set.remove(&(user_id, connection_id));
+                if set.is_empty() {
+                    viewers.remove(channel_id);
+                }
+            }
+        }
+    }
+
     /// Removes a connection; does nothing when it was replaced or kicked already.
     pub fn unregister(&self, user_id: i64, connection_id: u64) {
         let mut users = self.users.write();
+        let mut open = Vec::new();
         if let Some(slots) = users.get_mut(&user_id) {
-            slots.retain(|s| s.connection_id != connection_id);
+            if let Some(i) = slots.iter().position(|s| s.connection_id == connection_id) {
+                open = slots.swap_remove(i).channels;
+            }
             if slots.is_empty() {
                 users.remove(&user_id);
             }
         }
+        drop(users);
+        self.forget_viewer(user_id, connection_id, &open);
     }
 
     /// Returns how many connections this node holds.
@@ -97,19 +186,33 @@ impl Hub {
     }
 
     fn kick(&self, victims: &[(i64, u64)]) {
-        let mut users = self.users.write();
-        for &(user_id, connection_id) in victims {
-            let Some(slots) = users.get_mut(&user_id) else {
-                continue;
-            };
-            if let Some(i) = slots.iter().position(|s| s.connection_id == connection_id) {
-                let slot = slots.swap_remove(i);
-                let _ = slot.kicked.set(Kicked::SlowConsumer);
-                tracing::info!(user_id, connection_id, "disconnecting slow consumer");
+        let mut closed = Vec::new();
+        {
+            let mut users = self.users.write();
+            for &(user_id, connection_id) in victims {
+                let Some(slots) = users.get_mut(&user_id) else {
+                    continue;
+                };
+                if let Some(i) = slots.iter().position(|s| s.connection_id == connection_id) {
+                    let slot = slots.swap_remove(i);
+                    let _ = slot.kicked.set(Kicked::SlowConsumer);
+                    tracing::info!(user_id, connection_id, "disconnecting slow consumer");
+                    closed.push((user_id, connection_id, slot.channels));
+                }
+                if slots.is_empty() {
+                    users.remove(&user_id);
+                }
             }
-            if slots.is_empty() {
-                users.remove(&user_id);
-            }
+        }
+        for (user_id, connection_id, channels) in closed {
+            self.forget_viewer(user_id, connection_id, &channels);
+        }
+    }
+
+    /// Queues `event` for one connection; records it in `overflowed` when full.
+    fn offer(slot: &Slot, user_id: i64, event: &Arc<LiveEvent>, overflowed: &mut Vec<(i64, u64)>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = slot.events.try_send(event.clone()) {
+            overflowed.push((user_id, slot.connection_id));
         }
     }
 }
@@ -119,15 +222,25 @@ impl LiveBus for Hub {
         let mut overflowed = Vec::new();
         {
             let users = self.users.read();
+            let viewers = self.viewers.read();
             for event in events {
-                let Some(slots) = users.get(&event.user_id) else {
-                    continue;
-                };
-                for slot in slots {
-                    if let Err(mpsc::error::TrySendError::Full(_)) =
-                        slot.events.try_send(event.clone())
-                    {
-                        overflowed.push((event.user_id, slot.connection_id));
+                match event.audience {
+                    Audience::User(user_id) => {
+                        for slot in users.get(&user_id).into_iter().flatten() {
+                            Self::offer(slot, user_id, event, &mut overflowed);
+                        }
+                    }
+                    Audience::Channel(channel_id) => {
+                        for &(user_id, connection_id) in
+                            viewers.get(&channel_id).into_iter().flatten()
+                        {
+                            let slot = users.get(&user_id).and_then(|slots| {
+                                slots.iter().find(|s| s.connection_id == connection_id)
+                            });
+                            if let Some(slot) = slot {
+                                Self::offer(slot, user_id, event, &mut overflowed);
+                            }
+                        }
                     }
                 }
             }
@@ -150,7 +263,7 @@ mod tests {
 
     fn event(user_id: i64, seq: u64) -> Arc<LiveEvent> {
         Arc::new(LiveEvent {
-            user_id,
+            audience: Audience::User(user_id),
             event: Event { seq, kind: None },
             origin_device: None,
             accepted_at: Instant::now(),
@@ -189,6 +302,52 @@ mod tests {
             Err(mpsc::error::TryRecvError::Disconnected)
         ));
         assert_eq!(fast.events.try_recv().unwrap().event.seq, 1);
+    }
+
+    /// Channel posts reach only the connections that have the channel open, until
+    /// they close it or disconnect.
+    #[test]
+    fn channel_posts_reach_viewers_only() {
+        let hub = Hub::new();
+        let mut viewer = hub.register(1, "a", 8);
+        let mut other_device = hub.register(1, "b", 8);
+        let mut stranger = hub.register(2, "c", 8);
+        assert!(hub.open_channel(1, viewer.connection_id, 77));
+        let post = Arc::new(LiveEvent {
+            audience: Audience::Channel(77),
+            event: Event { seq: 0, kind: None },
+            origin_device: None,
+            accepted_at: Instant::now(),
+        });
+        hub.publish(std::slice::from_ref(&post));
+        assert!(viewer.events.try_recv().is_ok());
+        assert!(other_device.events.try_recv().is_err());
+        assert!(stranger.events.try_recv().is_err());
+        hub.close_channel(1, viewer.connection_id, 77);
+        hub.publish(std::slice::from_ref(&post));
+        assert!(viewer.events.try_recv().is_err());
+        assert!(hub.open_channel(1, viewer.connection_id, 77));
+        hub.close_channel_for_user(1, 77);
+        hub.publish(std::slice::from_ref(&post));
+        assert!(viewer.events.try_recv().is_err());
+        assert!(hub.open_channel(1, viewer.connection_id, 77));
+        hub.unregister(1, viewer.connection_id);
+        assert!(hub.viewers.read().is_empty());
+    }
+
+    /// A connection opens at most MAX_OPEN_CHANNELS channels.
+    #[test]
+    fn open_channels_are_bounded() {
+        let hub = Hub::new();
+        let reg = hub.register(1, "a", 8);
+        for channel in 0..MAX_OPEN_CHANNELS as i64 {
+            assert!(hub.open_channel(1, reg.connection_id, channel));
+        }
+        assert!(!hub.open_channel(1, reg.connection_id, -1));
+        assert!(
+            hub.open_channel(1, reg.connection_id, 0),
+            "reopening is fine"
+        );
     }
 
     /// A device that connects again replaces its older connection.

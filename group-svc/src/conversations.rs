@@ -1,4 +1,4 @@
-//! Conversations: direct conversations between two users, and membership queries.
+//! Conversations: direct conversations between two users, and conversation lookups.
 
 use confab_common::now_ms;
 
@@ -41,7 +41,7 @@ impl GroupService {
             .ok_or(GroupError::Inconsistent("direct pair without conversation"))
     }
 
-    /// Returns the conversation with this id, with its members.
+    /// Returns the conversation with this id, with its members unless it is a channel.
     ///
     /// # Errors
     ///
@@ -54,8 +54,9 @@ impl GroupService {
             .ok_or(GroupError::NoSuchConversation)
     }
 
-    /// Returns every conversation `user_id` is a member of, with its members, ordered
-    /// by id; empty for an unknown user.
+    /// Returns every conversation `user_id` is a member of (direct, groups and
+    /// channels), with its members unless it is a channel, ordered by id; empty for
+    /// an unknown user.
     ///
     /// # Errors
     ///
@@ -152,7 +153,9 @@ mod tests {
     async fn open_direct_concurrent_on_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("group.db");
-        let service = GroupService::open_sqlite(&path, 3).await.unwrap();
+        let service = GroupService::open_sqlite(&path, 3, crate::GroupLimits::default())
+            .await
+            .unwrap();
         let (a, b) = two_users(&service).await;
         let ids = open_concurrently(&service, a, b, 10).await;
         assert_eq!(ids.len(), 1, "{ids:?}");
@@ -177,7 +180,9 @@ mod tests {
         assert_eq!(after, 1);
         drop(service);
 
-        let reopened = GroupService::open_sqlite(&path, 3).await.unwrap();
+        let reopened = GroupService::open_sqlite(&path, 3, crate::GroupLimits::default())
+            .await
+            .unwrap();
         let id = *ids.iter().next().unwrap();
         assert_eq!(reopened.open_direct(a, b).await.unwrap().id, id);
     }

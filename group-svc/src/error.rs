@@ -27,6 +27,43 @@ pub enum GroupError {
     /// A direct conversation was asked for between a user and themselves.
     #[error("a direct conversation needs two distinct users")]
     SameUser,
+    /// Only groups and channels are created this way.
+    #[error("kind must be group or channel")]
+    InvalidKind,
+    /// The conversation name breaks the rules; the reason says which one.
+    #[error("invalid name: {0}")]
+    InvalidName(&'static str),
+    /// The topic is too long.
+    #[error("topic must be at most 500 characters")]
+    InvalidTopic,
+    /// The avatar URL is neither empty nor a short enough http(s) URL.
+    #[error("avatar url must be empty or an http(s) url of at most 2048 characters")]
+    InvalidAvatarUrl,
+    /// Initial members were given for a channel.
+    #[error("a channel starts with its owner only; others join")]
+    ChannelMembers,
+    /// A role other than admin or member was asked for.
+    #[error("role must be admin or member")]
+    InvalidRole,
+    /// The owner's role was to change (ownership transfer is not offered).
+    #[error("the owner's role cannot change")]
+    OwnerRoleFixed,
+    /// A change of a direct conversation's membership or metadata.
+    #[error("the members and metadata of a direct conversation cannot change")]
+    DirectIsFixed,
+    /// The user is not a member of the conversation.
+    #[error("not a member")]
+    NotAMember,
+    /// A member lacks the right; the message says which rule refused.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The change would take the conversation past its configured size.
+    #[error("a {kind} holds at most {max} members")]
+    TooManyMembers {
+        /// "group" or "channel".
+        kind: &'static str,
+        max: u32,
+    },
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
@@ -49,12 +86,22 @@ impl GroupError {
     /// Returns the client-facing code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidUsername(_) | Self::InvalidPassword | Self::SameUser => {
-                ErrorCode::BadRequest
-            }
+            Self::InvalidUsername(_)
+            | Self::InvalidPassword
+            | Self::SameUser
+            | Self::InvalidKind
+            | Self::InvalidName(_)
+            | Self::InvalidTopic
+            | Self::InvalidAvatarUrl
+            | Self::ChannelMembers
+            | Self::InvalidRole
+            | Self::OwnerRoleFixed
+            | Self::DirectIsFixed => ErrorCode::BadRequest,
             Self::UsernameTaken => ErrorCode::AlreadyExists,
             Self::WrongCredentials => ErrorCode::Unauthenticated,
-            Self::NoSuchUser | Self::NoSuchConversation => ErrorCode::NotFound,
+            Self::NoSuchUser | Self::NoSuchConversation | Self::NotAMember => ErrorCode::NotFound,
+            Self::Forbidden(_) => ErrorCode::PermissionDenied,
+            Self::TooManyMembers { .. } => ErrorCode::TooLarge,
             Self::Database(_)
             | Self::Migrate(_)
             | Self::Hashing(_)

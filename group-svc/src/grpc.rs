@@ -3,16 +3,20 @@
 
 use confab_proto::group::v1::groups_server::Groups;
 use confab_proto::group::v1::{
-    CreateUserRequest, EnsureUserRequest, GetConversationRequest, GetUserRequest, GetUsersRequest,
-    GetUsersResponse, ListConversationsRequest, ListConversationsResponse, OpenDirectRequest,
-    VerifyPasswordRequest,
+    AddMembersRequest, CreateConversationRequest, CreateUserRequest, EnsureUserRequest,
+    GetConversationRequest, GetMemberRequest, GetUserRequest, GetUsersRequest, GetUsersResponse,
+    JoinRequest, ListConversationsRequest, ListConversationsResponse, ListMembersRequest,
+    ListMembersResponse, MembershipChange as ProtoMembershipChange, OpenDirectRequest,
+    RemoveMemberRequest, SetRoleRequest, UpdateConversationRequest, VerifyPasswordRequest,
 };
 use confab_proto::v1 as proto;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::GroupService;
-use crate::store::{Conversation, ConversationKind, User};
+use crate::groups::MetadataUpdate;
+use crate::membership::{MembershipChange, Notice, NoticeKind};
+use crate::store::{Conversation, ConversationKind, Member, Metadata, Role, User};
+use crate::{GroupError, GroupService};
 
 #[tonic::async_trait]
 impl Groups for GroupService {
@@ -100,6 +104,157 @@ impl Groups for GroupService {
             .collect();
         Ok(Response::new(ListConversationsResponse { conversations }))
     }
+
+    #[instrument(skip_all, fields(creator_id = request.get_ref().creator_id))]
+    async fn create_conversation(
+        &self,
+        request: Request<CreateConversationRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let CreateConversationRequest {
+            kind,
+            creator_id,
+            name,
+            topic,
+            avatar_url,
+            member_ids,
+        } = request.into_inner();
+        // Unspecified and unknown kinds: the domain refuses Direct the same way.
+        let kind = match proto::ConversationKind::try_from(kind) {
+            Ok(proto::ConversationKind::Group) => ConversationKind::Group,
+            Ok(proto::ConversationKind::Channel) => ConversationKind::Channel,
+            _ => return Err(GroupError::InvalidKind.into()),
+        };
+        let metadata = Metadata {
+            name,
+            topic,
+            avatar_url,
+        };
+        let change = self
+            .create_conversation(kind, creator_id, metadata, &member_ids)
+            .await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, actor_id = request.get_ref().actor_id, count = request.get_ref().user_ids.len()))]
+    async fn add_members(
+        &self,
+        request: Request<AddMembersRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let AddMembersRequest {
+            conversation_id,
+            actor_id,
+            user_ids,
+        } = request.into_inner();
+        let change = self
+            .add_members(conversation_id, actor_id, &user_ids)
+            .await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, actor_id = request.get_ref().actor_id, user_id = request.get_ref().user_id))]
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let RemoveMemberRequest {
+            conversation_id,
+            actor_id,
+            user_id,
+        } = request.into_inner();
+        let change = self
+            .remove_member(conversation_id, actor_id, user_id)
+            .await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, user_id = request.get_ref().user_id))]
+    async fn join(
+        &self,
+        request: Request<JoinRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let JoinRequest {
+            conversation_id,
+            user_id,
+        } = request.into_inner();
+        let change = self.join(conversation_id, user_id).await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, actor_id = request.get_ref().actor_id, user_id = request.get_ref().user_id))]
+    async fn set_role(
+        &self,
+        request: Request<SetRoleRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let SetRoleRequest {
+            conversation_id,
+            actor_id,
+            user_id,
+            role,
+        } = request.into_inner();
+        // Unspecified and unknown roles: the domain refuses Owner the same way.
+        let role = match proto::Role::try_from(role) {
+            Ok(proto::Role::Admin) => Role::Admin,
+            Ok(proto::Role::Member) => Role::Member,
+            _ => return Err(GroupError::InvalidRole.into()),
+        };
+        let change = self
+            .set_role(conversation_id, actor_id, user_id, role)
+            .await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, actor_id = request.get_ref().actor_id))]
+    async fn update_conversation(
+        &self,
+        request: Request<UpdateConversationRequest>,
+    ) -> Result<Response<ProtoMembershipChange>, Status> {
+        let UpdateConversationRequest {
+            conversation_id,
+            actor_id,
+            name,
+            topic,
+            avatar_url,
+        } = request.into_inner();
+        let update = MetadataUpdate {
+            name,
+            topic,
+            avatar_url,
+        };
+        let change = self
+            .update_conversation(conversation_id, actor_id, update)
+            .await?;
+        Ok(Response::new(change.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id, user_id = request.get_ref().user_id))]
+    async fn get_member(
+        &self,
+        request: Request<GetMemberRequest>,
+    ) -> Result<Response<proto::Member>, Status> {
+        let GetMemberRequest {
+            conversation_id,
+            user_id,
+        } = request.into_inner();
+        let member = self.get_member(conversation_id, user_id).await?;
+        Ok(Response::new(member.into()))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().conversation_id))]
+    async fn list_members(
+        &self,
+        request: Request<ListMembersRequest>,
+    ) -> Result<Response<ListMembersResponse>, Status> {
+        let ListMembersRequest {
+            conversation_id,
+            after_user_id,
+            limit,
+        } = request.into_inner();
+        let (members, has_more) = self
+            .list_members(conversation_id, after_user_id, limit)
+            .await?;
+        let members = members.into_iter().map(proto::Member::from).collect();
+        Ok(Response::new(ListMembersResponse { members, has_more }))
+    }
 }
 
 impl From<User> for proto::User {
@@ -116,17 +271,92 @@ impl From<ConversationKind> for proto::ConversationKind {
     fn from(kind: ConversationKind) -> Self {
         match kind {
             ConversationKind::Direct => Self::Direct,
+            ConversationKind::Group => Self::Group,
+            ConversationKind::Channel => Self::Channel,
         }
     }
 }
 
 impl From<Conversation> for proto::Conversation {
     fn from(conversation: Conversation) -> Self {
+        let Metadata {
+            name,
+            topic,
+            avatar_url,
+        } = conversation.metadata;
         Self {
             id: conversation.id,
             kind: proto::ConversationKind::from(conversation.kind).into(),
             member_ids: conversation.member_ids,
             created_at_ms: conversation.created_at_ms,
+            name,
+            topic,
+            avatar_url,
+            member_count: conversation.member_count,
+            version: conversation.version,
+        }
+    }
+}
+
+impl From<Role> for proto::Role {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Member => Self::Member,
+            Role::Admin => Self::Admin,
+            Role::Owner => Self::Owner,
+        }
+    }
+}
+
+impl From<Member> for proto::Member {
+    fn from(member: Member) -> Self {
+        Self {
+            user_id: member.user_id,
+            role: proto::Role::from(member.role).into(),
+            joined_at_ms: member.joined_at_ms,
+        }
+    }
+}
+
+impl From<Notice> for proto::Notice {
+    fn from(notice: Notice) -> Self {
+        use proto::notice::Kind;
+        let kind = match notice.kind {
+            NoticeKind::Created => Kind::Created(proto::Created {}),
+            NoticeKind::MembersAdded(user_ids) => {
+                Kind::MembersAdded(proto::MembersAdded { user_ids })
+            }
+            NoticeKind::MemberRemoved(user_id) => {
+                Kind::MemberRemoved(proto::MemberRemoved { user_id })
+            }
+            NoticeKind::MemberLeft => Kind::MemberLeft(proto::MemberLeft {}),
+            NoticeKind::MetadataChanged(Metadata {
+                name,
+                topic,
+                avatar_url,
+            }) => Kind::MetadataChanged(proto::MetadataChanged {
+                name,
+                topic,
+                avatar_url,
+            }),
+            NoticeKind::RoleChanged { user_id, role } => Kind::RoleChanged(proto::RoleChanged {
+                user_id,
+                role: proto::Role::from(role).into(),
+            }),
+        };
+        Self {
+            actor_id: notice.actor_id,
+            kind: Some(kind),
+        }
+    }
+}
+
+impl From<MembershipChange> for ProtoMembershipChange {
+    fn from(change: MembershipChange) -> Self {
+        Self {
+            conversation: Some(change.conversation.into()),
+            notice: change.notice.map(proto::Notice::from),
+            removed_user_ids: change.removed_user_ids,
         }
     }
 }
@@ -243,5 +473,161 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
+    }
+
+    /// The group RPCs answer MembershipChange with the conversation's new fields
+    /// and the notice, and their refusals reach the client with their codes:
+    /// INVALID_ARGUMENT for an unspecified kind or role, NOT_FOUND for a
+    /// non-member, PERMISSION_DENIED, RESOURCE_EXHAUSTED with the limit.
+    #[tokio::test]
+    async fn group_rpcs_convert_and_map_errors() {
+        let service = crate::test_support::memory_service_with(crate::GroupLimits {
+            max_group_size: 2,
+            max_channel_size: 10,
+        })
+        .await;
+        let mut ids = Vec::new();
+        for name in ["ann", "ben", "cat"] {
+            let request = Request::new(EnsureUserRequest {
+                username: name.into(),
+            });
+            ids.push(
+                Groups::ensure_user(&service, request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .id,
+            );
+        }
+        let create = |kind: proto::ConversationKind, member_ids: Vec<i64>| {
+            Request::new(CreateConversationRequest {
+                kind: kind.into(),
+                creator_id: ids[0],
+                name: "team".into(),
+                topic: String::new(),
+                avatar_url: String::new(),
+                member_ids,
+            })
+        };
+        let change = Groups::create_conversation(
+            &service,
+            create(proto::ConversationKind::Group, vec![ids[1]]),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        let conversation = change.conversation.unwrap();
+        assert_eq!(conversation.kind(), proto::ConversationKind::Group);
+        assert_eq!((conversation.member_count, conversation.version), (2, 1));
+        assert_eq!(conversation.name, "team");
+        let notice = change.notice.unwrap();
+        assert_eq!(notice.actor_id, ids[0]);
+        assert_eq!(
+            notice.kind,
+            Some(proto::notice::Kind::Created(proto::Created {}))
+        );
+
+        let status = |result: Result<Response<ProtoMembershipChange>, Status>| {
+            let status = result.unwrap_err();
+            (status.code(), status.message().to_owned())
+        };
+        let unspecified = Groups::create_conversation(
+            &service,
+            create(proto::ConversationKind::Unspecified, vec![]),
+        )
+        .await;
+        assert_eq!(
+            status(unspecified),
+            (
+                Code::InvalidArgument,
+                "kind must be group or channel".into()
+            )
+        );
+        let too_big = Groups::create_conversation(
+            &service,
+            create(proto::ConversationKind::Group, vec![ids[1], ids[2]]),
+        )
+        .await;
+        assert_eq!(
+            status(too_big),
+            (
+                Code::ResourceExhausted,
+                "a group holds at most 2 members".into()
+            )
+        );
+
+        let add = |actor_id: i64| {
+            Request::new(AddMembersRequest {
+                conversation_id: conversation.id,
+                actor_id,
+                user_ids: vec![ids[2]],
+            })
+        };
+        assert_eq!(
+            status(Groups::add_members(&service, add(ids[2])).await),
+            (Code::NotFound, "no such conversation".into())
+        );
+        assert_eq!(
+            status(Groups::add_members(&service, add(ids[1])).await),
+            (Code::PermissionDenied, "only admins add members".into())
+        );
+        let role = |role: proto::Role| {
+            Request::new(SetRoleRequest {
+                conversation_id: conversation.id,
+                actor_id: ids[0],
+                user_id: ids[1],
+                role: role.into(),
+            })
+        };
+        assert_eq!(
+            status(Groups::set_role(&service, role(proto::Role::Unspecified)).await),
+            (Code::InvalidArgument, "role must be admin or member".into())
+        );
+        let promoted = Groups::set_role(&service, role(proto::Role::Admin))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(promoted.conversation.unwrap().version, 2);
+
+        let member = Groups::get_member(
+            &service,
+            Request::new(GetMemberRequest {
+                conversation_id: conversation.id,
+                user_id: ids[1],
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(member.role(), proto::Role::Admin);
+        let listed = Groups::list_members(
+            &service,
+            Request::new(ListMembersRequest {
+                conversation_id: conversation.id,
+                after_user_id: 0,
+                limit: 1,
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!((listed.members.len(), listed.has_more), (1, true));
+
+        let left = Groups::remove_member(
+            &service,
+            Request::new(RemoveMemberRequest {
+                conversation_id: conversation.id,
+                actor_id: ids[1],
+                user_id: ids[1],
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(left.removed_user_ids, vec![ids[1]]);
+        assert_eq!(
+            left.notice.unwrap().kind,
+            Some(proto::notice::Kind::MemberLeft(proto::MemberLeft {}))
+        );
     }
 }

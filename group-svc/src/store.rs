@@ -1,14 +1,16 @@
 //! Storage of users, conversations and membership: the records the store returns,
 //! and the backends.
 //!
-//! There is one backend today, [`SqliteStore`] (`store/sqlite.rs`). Its methods are
-//! the storage contract: when the PostgreSQL backend arrives it gets a file of its
-//! own beside it, these methods become a trait both implement, and one conformance
-//! suite runs against both. The schema in `migrations/` is already portable SQL.
+//! There is one backend today, [`SqliteStore`] (`store/sqlite.rs`, with the
+//! transaction of one membership or metadata change in `store/sqlite/change.rs`). Its
+//! methods are the storage contract: when the PostgreSQL backend arrives it gets a
+//! file of its own beside it, these methods become a trait both implement, and one
+//! conformance suite runs against both. The schema in `migrations/` is already
+//! portable SQL.
 
 mod sqlite;
 
-pub(crate) use sqlite::SqliteStore;
+pub(crate) use sqlite::{Change, NewConversation, SqliteStore};
 
 /// A user account, without its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,15 +22,31 @@ pub(crate) struct User {
     pub(crate) created_at_ms: i64,
 }
 
-/// A conversation and its members.
+/// A conversation, with its members unless it is a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Conversation {
     /// Snowflake id.
     pub(crate) id: i64,
     pub(crate) kind: ConversationKind,
-    /// Ascending.
+    /// Ascending. Empty for channels, which may have a million members: see
+    /// `member_count` and the paged member list.
     pub(crate) member_ids: Vec<i64>,
     pub(crate) created_at_ms: i64,
+    /// Empty for direct conversations.
+    pub(crate) metadata: Metadata,
+    /// Every member, the owner included.
+    pub(crate) member_count: u32,
+    /// 1 at creation; one more with every change of membership or metadata.
+    pub(crate) version: i64,
+}
+
+/// What a group or channel shows of itself, as validated by `groups::validate_*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Metadata {
+    pub(crate) name: String,
+    pub(crate) topic: String,
+    /// Empty, or an http(s) URL.
+    pub(crate) avatar_url: String,
 }
 
 /// What sort of conversation it is.
@@ -36,6 +54,10 @@ pub(crate) struct Conversation {
 pub(crate) enum ConversationKind {
     /// Exactly two members; at most one per unordered pair of users.
     Direct,
+    /// Members chat; admins manage membership and metadata.
+    Group,
+    /// Admins post, members read; users join by themselves.
+    Channel,
 }
 
 impl ConversationKind {
@@ -43,6 +65,8 @@ impl ConversationKind {
     pub(crate) fn as_db(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Group => "group",
+            Self::Channel => "channel",
         }
     }
 
@@ -50,6 +74,8 @@ impl ConversationKind {
     pub(crate) fn from_db(value: &str) -> Option<Self> {
         match value {
             "direct" => Some(Self::Direct),
+            "group" => Some(Self::Group),
+            "channel" => Some(Self::Channel),
             _ => None,
         }
     }
@@ -57,10 +83,15 @@ impl ConversationKind {
 
 /// A member's rights in a conversation, stored in `members.role`.
 ///
-/// Direct conversations only use [`Role::Member`]; owners and admins are for groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Direct conversations only use [`Role::Member`]; a group or channel has exactly one
+/// [`Role::Owner`] while it has members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Role {
     Member,
+    /// Also adds and removes members and changes metadata.
+    Admin,
+    /// Also appoints and demotes admins.
+    Owner,
 }
 
 impl Role {
@@ -68,6 +99,31 @@ impl Role {
     pub(crate) fn as_db(self) -> &'static str {
         match self {
             Self::Member => "member",
+            Self::Admin => "admin",
+            Self::Owner => "owner",
         }
     }
+
+    /// Parses a `members.role` value.
+    pub(crate) fn from_db(value: &str) -> Option<Self> {
+        match value {
+            "member" => Some(Self::Member),
+            "admin" => Some(Self::Admin),
+            "owner" => Some(Self::Owner),
+            _ => None,
+        }
+    }
+
+    /// Returns whether this role manages membership and metadata.
+    pub(crate) fn is_admin(self) -> bool {
+        self >= Self::Admin
+    }
+}
+
+/// One member of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) user_id: i64,
+    pub(crate) role: Role,
+    pub(crate) joined_at_ms: i64,
 }

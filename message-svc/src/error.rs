@@ -23,6 +23,13 @@ pub enum MessageError {
     /// exist (DESIGN.md section 13, invariant 5).
     #[error("no such conversation")]
     ConversationNotFound,
+    /// The message does not exist in the conversation.
+    #[error("no such message")]
+    MessageNotFound,
+    /// The caller is a member but may not do this (a subscriber posting in a
+    /// channel).
+    #[error("{0}")]
+    PermissionDenied(&'static str),
     /// group-svc could not tell who the members are.
     #[error("membership lookup failed")]
     GroupsUnavailable(#[source] tonic::Status),
@@ -44,7 +51,8 @@ impl MessageError {
         match self {
             Self::InvalidArgument(_) => ErrorCode::BadRequest,
             Self::TextTooLarge { .. } => ErrorCode::TooLarge,
-            Self::ConversationNotFound => ErrorCode::NotFound,
+            Self::ConversationNotFound | Self::MessageNotFound => ErrorCode::NotFound,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Self::GroupsUnavailable(_) | Self::ShuttingDown => ErrorCode::Unavailable,
             Self::Store(_) | Self::CommitFailed(_) => ErrorCode::Internal,
         }

@@ -3,10 +3,12 @@
 
 use confab_proto::message::v1::messages_server::Messages;
 use confab_proto::message::v1::{
-    HistoryRequest, HistoryResponse, LastMessagesRequest, LastMessagesResponse, SendRequest,
-    SendResponse, SyncRequest, SyncResponse,
+    AppendNoticeRequest, AppendNoticeResponse, HistoryRequest, HistoryResponse,
+    LastMessagesRequest, LastMessagesResponse, ReceiptsRequest, SendRequest, SendResponse,
+    SyncRequest, SyncResponse, UnreadCountsRequest, UnreadCountsResponse, UpdateReceiptsRequest,
+    UpdateReceiptsResponse,
 };
-use confab_proto::v1::{Event, event};
+use confab_proto::v1::{Event, ReadState, ReceiptsResponse};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -63,7 +65,7 @@ impl Messages for MessageService {
             .into_iter()
             .map(|user_event| Event {
                 seq: user_event.seq,
-                kind: Some(event::Kind::Message(user_event.message.into())),
+                kind: Some(user_event.kind.into()),
             })
             .collect();
         Ok(Response::new(SyncResponse {
@@ -83,5 +85,72 @@ impl Messages for MessageService {
         Ok(Response::new(LastMessagesResponse {
             messages: messages.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    #[instrument(skip_all, fields(conversation_id = request.get_ref().change.as_ref().and_then(|c| c.conversation.as_ref()).map_or(0, |c| c.id)))]
+    async fn append_notice(
+        &self,
+        request: Request<AppendNoticeRequest>,
+    ) -> Result<Response<AppendNoticeResponse>, Status> {
+        let change = request
+            .into_inner()
+            .change
+            .ok_or_else(|| Status::invalid_argument("change is required"))?;
+        let written = MessageService::append_notice(self, change).await?;
+        Ok(Response::new(AppendNoticeResponse {
+            message: written.map(|sent| sent.message.into()),
+        }))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
+    async fn update_receipts(
+        &self,
+        request: Request<UpdateReceiptsRequest>,
+    ) -> Result<Response<UpdateReceiptsResponse>, Status> {
+        let request = request.into_inner();
+        let moved = MessageService::update_receipts(
+            self,
+            request.user_id,
+            request.conversation_id,
+            request.delivered_up_to,
+            request.read_up_to,
+        )
+        .await?;
+        Ok(Response::new(UpdateReceiptsResponse {
+            delivered_up_to: moved.marks.delivered_up_to,
+            read_state: Some(ReadState {
+                conversation_id: request.conversation_id,
+                read_up_to: moved.marks.read_up_to,
+                unread_count: moved.unread_count,
+            }),
+        }))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
+    async fn receipts(
+        &self,
+        request: Request<ReceiptsRequest>,
+    ) -> Result<Response<ReceiptsResponse>, Status> {
+        let request = request.into_inner();
+        let receipts = MessageService::receipts(
+            self,
+            request.user_id,
+            request.conversation_id,
+            request.message_id,
+            request.per_member,
+        )
+        .await?;
+        Ok(Response::new(receipts))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversations = request.get_ref().conversation_ids.len()))]
+    async fn unread_counts(
+        &self,
+        request: Request<UnreadCountsRequest>,
+    ) -> Result<Response<UnreadCountsResponse>, Status> {
+        let request = request.into_inner();
+        let states =
+            MessageService::unread_counts(self, request.user_id, request.conversation_ids).await?;
+        Ok(Response::new(UnreadCountsResponse { states }))
     }
 }

@@ -1,12 +1,19 @@
-//! message-svc: the send path, message ids, dedup, group commit, history and the
-//! per-user event sequence (DESIGN.md sections 3 to 5).
+//! message-svc: the send path, message ids, dedup, group commit, history, the
+//! per-user event sequence, membership notices and receipts (DESIGN.md sections
+//! 3 to 6).
 //!
 //! - [`config`]: [`MessageConfig`], built by the binary.
 //! - [`error`]: [`MessageError`] and its mapping to gRPC statuses.
-//! - `members`: the membership cache in front of group-svc.
+//! - `members`: the membership cache in front of group-svc (snapshots of
+//!   conversations, roles of channel subscribers).
 //! - `writer`: the group-commit writer, the one task that writes, assigns ids
-//!   and per-user sequence numbers, acknowledges after commit and publishes the
+//!   and per-user sequence numbers, holds the authoritative membership snapshot
+//!   of every conversation, acknowledges after commit and publishes the
 //!   committed events on the live bus.
+//! - `notices`: `AppendNotice`, membership changes written in order with the
+//!   messages, and the leave points of former members.
+//! - `receipts`: delivered and read watermarks, receipt aggregates and unread
+//!   counts.
 //! - `store`: the storage traits and domain types; `store/sqlite` the SQLite
 //!   backend.
 //! - `grpc`: the generated `Messages` trait implemented on [`MessageService`]:
@@ -28,6 +35,8 @@ pub mod config;
 pub mod error;
 mod grpc;
 mod members;
+mod notices;
+mod receipts;
 mod store;
 mod writer;
 
@@ -38,6 +47,7 @@ pub use config::MessageConfig;
 pub use error::MessageError;
 pub use store::StoreError;
 
+use confab_proto::v1::Role;
 use members::MemberCache;
 use store::{HistoryQuery, MessageStore, Page, StoredMessage, SyncPage};
 use writer::{SendCommand, Sent, WriterHandle, WriterStats};
@@ -115,10 +125,20 @@ impl MessageService {
         let _ = done.wait_for(|done| *done).await;
     }
 
-    /// Forgets the cached members of `conversation_id`; call it when membership
-    /// changes.
+    /// Forgets the cached members of `conversation_id`. `AppendNotice` does this
+    /// for every change it is told of; this is for changes it is not.
     pub fn invalidate_members(&self, conversation_id: i64) {
-        self.inner.members.invalidate(conversation_id);
+        self.inner.members.invalidate(conversation_id, &[]);
+    }
+
+    /// Returns a handle to the writer, cloned out of the lock (a command may
+    /// wait for room in the queue).
+    fn writer(&self) -> Result<WriterHandle, MessageError> {
+        self.inner
+            .writer
+            .read()
+            .clone()
+            .ok_or(MessageError::ShuttingDown)
     }
 
     /// Validates a send, checks membership and waits until the message is
@@ -142,31 +162,41 @@ impl MessageService {
                 max: self.inner.config.max_text_bytes,
             });
         }
-        let members = self
-            .inner
-            .members
-            .members_for(request.conversation_id, request.sender_id)
-            .await?;
-        // Cloned out of the lock: the send may wait for room in the queue.
-        let handle = self
-            .inner
-            .writer
-            .read()
-            .clone()
-            .ok_or(MessageError::ShuttingDown)?;
+        let members = &self.inner.members;
+        let hint = members.snapshot(request.conversation_id).await?;
+        if hint.is_channel() {
+            match members
+                .role(request.conversation_id, request.sender_id)
+                .await?
+            {
+                Some(Role::Admin | Role::Owner) => {}
+                Some(_) => {
+                    return Err(MessageError::PermissionDenied(
+                        "only admins post in a channel",
+                    ));
+                }
+                None => return Err(MessageError::ConversationNotFound),
+            }
+        } else if !hint.has_member(request.sender_id) {
+            // A fast refusal; the writer checks again at commit time, in order
+            // with the membership changes.
+            return Err(MessageError::ConversationNotFound);
+        }
+        let handle = self.writer()?;
         let command = SendCommand {
             sender_id: request.sender_id,
             sender_device: request.sender_device,
             conversation_id: request.conversation_id,
             client_msg_id: request.client_msg_id,
             text: request.text,
-            members,
+            hint,
             accepted_at,
         };
         writer::submit(&handle, command).await
     }
 
-    /// Returns a page of a conversation's history, newest first, to a member.
+    /// Returns a page of a conversation's history, newest first: all of it to a
+    /// member, up to their leave point to a former member.
     async fn history(
         &self,
         user_id: i64,
@@ -175,14 +205,27 @@ impl MessageService {
         after: i64,
         limit: u32,
     ) -> Result<Page<StoredMessage>, MessageError> {
-        self.inner
+        let up_to = match self
+            .inner
             .members
-            .members_for(conversation_id, user_id)
-            .await?;
+            .check_member(conversation_id, user_id)
+            .await
+        {
+            Ok(_) => None,
+            Err(MessageError::ConversationNotFound) => Some(
+                self.inner
+                    .store
+                    .leave_point(conversation_id, user_id)
+                    .await?
+                    .ok_or(MessageError::ConversationNotFound)?,
+            ),
+            Err(error) => return Err(error),
+        };
         let query = HistoryQuery {
             conversation_id,
             before: (before > 0).then_some(before),
             after: (after > 0).then_some(after),
+            up_to,
             limit: clamp_limit(limit, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT),
         };
         Ok(self.inner.store.history(query).await?)

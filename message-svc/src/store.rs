@@ -4,6 +4,8 @@
 //! [`sqlite`] now; PostgreSQL and ScyllaDB later.
 
 use std::collections::HashMap;
+
+use confab_proto::v1::{Notice, ReadState, Receipt};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -18,11 +20,14 @@ pub enum StoreError {
     /// An SQL statement failed.
     #[error("sql statement failed")]
     Sql(#[from] sqlx::Error),
+    /// A stored notice, receipt or read state does not decode.
+    #[error("stored protobuf does not decode")]
+    Decode(#[from] prost::DecodeError),
 }
 
 /// A message as stored; every field but `client_msg_id` and `text` is set by the
 /// server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredMessage {
     /// Snowflake id; orders the messages of one conversation.
     pub(crate) id: i64,
@@ -34,7 +39,10 @@ pub(crate) struct StoredMessage {
     pub(crate) client_msg_id: String,
     /// Server time at which the writer accepted the message.
     pub(crate) sent_at_ms: i64,
+    /// Empty for notices.
     pub(crate) text: String,
+    /// Set on what the server writes for a change of membership or metadata.
+    pub(crate) notice: Option<Notice>,
 }
 
 impl From<&StoredMessage> for confab_proto::v1::Message {
@@ -47,6 +55,7 @@ impl From<&StoredMessage> for confab_proto::v1::Message {
             client_msg_id: message.client_msg_id.clone(),
             sent_at_ms: message.sent_at_ms,
             text: message.text.clone(),
+            notice: message.notice.clone(),
         }
     }
 }
@@ -61,18 +70,84 @@ impl From<StoredMessage> for confab_proto::v1::Message {
             client_msg_id: message.client_msg_id,
             sent_at_ms: message.sent_at_ms,
             text: message.text,
+            notice: message.notice,
         }
     }
 }
 
 /// One entry of a user's event sequence.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct UserEvent {
     /// Gap-free, strictly increasing per user, starting at 1.
     pub(crate) seq: u64,
-    /// The new message the event announces (the only event kind so far).
-    pub(crate) message: StoredMessage,
+    pub(crate) kind: UserEventKind,
 }
+
+/// What an entry of a user's event sequence announces.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum UserEventKind {
+    /// A new message (or notice) in one of the user's conversations.
+    Message(StoredMessage),
+    /// Another member's watermarks moved past messages the user sent.
+    Receipt(Receipt),
+    /// The user's own read watermark moved.
+    ReadState(ReadState),
+}
+
+impl UserEvent {
+    /// Returns the message the event announces; panics on other kinds.
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &StoredMessage {
+        match &self.kind {
+            UserEventKind::Message(message) => message,
+            other => panic!("not a message event: {other:?}"),
+        }
+    }
+}
+
+impl From<UserEventKind> for confab_proto::v1::event::Kind {
+    fn from(kind: UserEventKind) -> Self {
+        match kind {
+            UserEventKind::Message(message) => Self::Message(message.into()),
+            UserEventKind::Receipt(receipt) => Self::Receipt(receipt),
+            UserEventKind::ReadState(state) => Self::ReadState(state),
+        }
+    }
+}
+
+/// One row of a user's event sequence, as the writer appends it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EventRow {
+    pub(crate) user_id: i64,
+    pub(crate) seq: u64,
+    /// The message of a message event; 0 for the others.
+    pub(crate) message_id: i64,
+    /// The receipt or read state of the other kinds (prost-encoded in the row).
+    pub(crate) payload: EventPayload,
+}
+
+/// What a non-message event row carries.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum EventPayload {
+    /// A message event: the row references `message_id`.
+    Message,
+    Receipt(Receipt),
+    ReadState(ReadState),
+}
+
+/// A member's watermarks in one conversation (DESIGN.md section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Watermarks {
+    pub(crate) delivered_up_to: i64,
+    /// Never above `delivered_up_to`: reading implies delivery.
+    pub(crate) read_up_to: i64,
+}
+
+/// Watermarks by (conversation id, user id).
+pub(crate) type WatermarkMap = HashMap<(i64, i64), Watermarks>;
+
+/// Most messages an unread count counts; beyond it a client shows "10000+".
+pub(crate) const UNREAD_CAP: u32 = 10_000;
 
 /// A page of a longer result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +158,7 @@ pub(crate) struct Page<T> {
 }
 
 /// A page of a user's event sequence, with the sequence's head.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SyncPage {
     pub(crate) events: Page<UserEvent>,
     /// The user's last assigned sequence number when the page was read (0 when
@@ -100,6 +175,8 @@ pub(crate) struct HistoryQuery {
     pub(crate) before: Option<i64>,
     /// Only messages with a larger id.
     pub(crate) after: Option<i64>,
+    /// Only messages with an id up to this one (a former member's leave point).
+    pub(crate) up_to: Option<i64>,
     /// Page size, already clamped by the caller (at least 1).
     pub(crate) limit: u32,
 }
@@ -136,6 +213,48 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
         &'a self,
         conversation_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>>;
+
+    /// Returns the leave point of a former member: the newest message id they may
+    /// still read, or `None` when they never left (or were added back).
+    fn leave_point(
+        &self,
+        conversation_id: i64,
+        user_id: i64,
+    ) -> BoxFuture<'_, Result<Option<i64>, StoreError>>;
+
+    /// Returns the message `message_id` if it is in `conversation_id`.
+    fn message(
+        &self,
+        conversation_id: i64,
+        message_id: i64,
+    ) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>>;
+
+    /// Returns the watermarks of every user with a row in the conversation, by
+    /// user id; at most `limit` rows, `except` left out.
+    fn watermarks(
+        &self,
+        conversation_id: i64,
+        except: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(i64, Watermarks)>, StoreError>>;
+
+    /// Returns how many users other than `except` have delivered and read up to
+    /// `message_id` or beyond, counted in SQL (channels, fan-out on read).
+    fn receipt_counts(
+        &self,
+        conversation_id: i64,
+        message_id: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<(u32, u32), StoreError>>;
+
+    /// Returns, per named conversation, `user_id`'s read watermark and the number
+    /// of messages after it sent by others, without a notice, at most
+    /// [`UNREAD_CAP`].
+    fn unread_counts<'a>(
+        &'a self,
+        user_id: i64,
+        conversation_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<Vec<ReadState>, StoreError>>;
 }
 
 /// The write side, owned by the one writer task: the steps of one group commit.
@@ -170,10 +289,64 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
         messages: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Appends new-message events: `(user_id, seq, message_id)` each.
+    /// Appends events to users' sequences.
     fn insert_events<'a>(
         &'a mut self,
-        events: &'a [(i64, u64, i64)],
+        events: &'a [EventRow],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Returns the newest message id of each of `conversation_ids` that has one.
+    fn newest_ids<'a>(
+        &'a mut self,
+        conversation_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<HashMap<i64, i64>, StoreError>>;
+
+    /// Returns the stored watermarks among `keys` (conversation id, user id).
+    fn load_watermarks<'a>(
+        &'a mut self,
+        keys: &'a [(i64, i64)],
+    ) -> BoxFuture<'a, Result<WatermarkMap, StoreError>>;
+
+    /// Writes watermarks: `(conversation id, user id, watermarks)` each.
+    fn save_watermarks<'a>(
+        &'a mut self,
+        rows: &'a [(i64, i64, Watermarks)],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Returns the distinct senders other than `except` of the messages (not
+    /// notices) of a conversation with `after < id <= up_to`.
+    fn senders_between(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        up_to: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;
+
+    /// Counts the messages of a conversation after `after` sent by others,
+    /// without a notice, stopping at `cap`.
+    fn count_unread(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        user_id: i64,
+        cap: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>>;
+
+    /// Records leave points (`(user id, last visible id)` each) of a
+    /// conversation and drops the users' watermarks when `drop_receipts`.
+    fn record_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        leaves: &'a [(i64, i64)],
+        drop_receipts: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Forgets the leave points of users who are members again.
+    fn clear_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        user_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Commits the open transaction; when this returns `Ok`, it is durable.

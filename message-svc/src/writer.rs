@@ -1,10 +1,16 @@
 //! The group-commit writer: one task owns the write side of the store and commits
-//! every send that is waiting in one transaction, so that one fsync acknowledges
-//! a whole batch (DESIGN.md section 4).
+//! every command that is waiting in one transaction, so that one fsync
+//! acknowledges a whole batch (DESIGN.md section 4).
 //!
 //! Being the only writer also makes it the ordering point: message ids increase
 //! in commit order within every conversation (section 3), and each user's event
-//! sequence is assigned here, gap-free (section 5).
+//! sequence is assigned here, gap-free (section 5). It is also the authority on
+//! who receives what: it keeps a membership snapshot per conversation, changed
+//! only in commit order by notices (`AppendNotice`), so that a member who left
+//! gets nothing committed after the notice of their leaving, and cannot send
+//! after it (section 13, invariant 5). Receipts are commands here too, so that
+//! watermarks, the messages they cover and the events they cause are ordered with
+//! the sends (section 6).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -12,15 +18,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use confab_common::bus::{LiveBus, LiveEvent};
+use confab_common::bus::{Audience, LiveBus, LiveEvent};
 use confab_common::ids::Snowflake;
-use confab_proto::v1::{Event, event};
+use confab_proto::v1::{Event, Notice, ReadState, Receipt, event};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::MessageError;
-use crate::store::{LogWriter, StoreError, StoredMessage};
+use crate::members::Snapshot;
+use crate::store::{
+    EventPayload, EventRow, LogWriter, StoreError, StoredMessage, UNREAD_CAP, Watermarks,
+};
 
-/// Sends waiting for the writer. When full, senders wait: the service never
+/// Commands waiting for the writer. When full, senders wait: the service never
 /// buffers without bound.
 const QUEUE_CAPACITY: usize = 8192;
 
@@ -28,7 +37,11 @@ const QUEUE_CAPACITY: usize = 8192;
 /// batches (reloading one is one indexed `MAX`).
 const MAX_CACHED_SEQS: usize = 1_000_000;
 
-/// A validated send whose sender is a member of the conversation.
+/// Conversations whose snapshot is kept; beyond it the map is cleared between
+/// batches and refilled from the send path's hints.
+const MAX_CACHED_SNAPSHOTS: usize = 100_000;
+
+/// A validated send whose sender the send path found to be a member.
 #[derive(Debug)]
 pub(crate) struct SendCommand {
     pub(crate) sender_id: i64,
@@ -36,14 +49,52 @@ pub(crate) struct SendCommand {
     pub(crate) conversation_id: i64,
     pub(crate) client_msg_id: String,
     pub(crate) text: String,
-    /// Everyone who gets an event, the sender included.
-    pub(crate) members: Arc<[i64]>,
+    /// The send path's snapshot of the conversation: installed when the writer
+    /// has none or an older one.
+    pub(crate) hint: Arc<Snapshot>,
     /// When the send path accepted the request, for the send-to-deliver metric.
     pub(crate) accepted_at: Instant,
 }
 
+/// A committed change of membership or metadata, to be written in order with
+/// the messages.
+#[derive(Debug)]
+pub(crate) struct NoticeCommand {
+    pub(crate) conversation_id: i64,
+    /// The conversation after the change.
+    pub(crate) snapshot: Arc<Snapshot>,
+    /// What to write into the conversation; `None` writes no message.
+    pub(crate) notice: Option<Notice>,
+    /// Users who are no longer members since the change: they get the notice,
+    /// and a leave point.
+    pub(crate) removed: Vec<i64>,
+    /// Users who are members again (`MembersAdded`): their leave points go.
+    pub(crate) added: Vec<i64>,
+}
+
+/// A member's delivered and read watermarks, to be moved forward.
+#[derive(Debug)]
+pub(crate) struct ReceiptCommand {
+    pub(crate) user_id: i64,
+    pub(crate) conversation_id: i64,
+    /// 0 leaves the watermark as it is.
+    pub(crate) delivered_up_to: i64,
+    /// 0 leaves the watermark as it is.
+    pub(crate) read_up_to: i64,
+    /// As [`SendCommand::hint`].
+    pub(crate) hint: Arc<Snapshot>,
+}
+
+/// What the writer is asked to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Send(SendCommand),
+    Notice(NoticeCommand),
+    Receipts(ReceiptCommand),
+}
+
 /// The outcome of a send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Sent {
     pub(crate) message: StoredMessage,
     /// True when (sender, client_msg_id) was sent before: `message` is the
@@ -51,12 +102,30 @@ pub(crate) struct Sent {
     pub(crate) duplicate: bool,
 }
 
-type Reply = oneshot::Sender<Result<Sent, MessageError>>;
+/// The outcome of a receipt command: the watermarks after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReceiptsMoved {
+    pub(crate) marks: Watermarks,
+    /// Messages after the read watermark sent by others, at most [`UNREAD_CAP`].
+    pub(crate) unread_count: u32,
+}
 
-/// One send on its way to the writer, with the channel its outcome goes back on.
+/// The outcome of any command.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Sent(Sent),
+    /// The notice message, `None` when nothing was written (channels).
+    Notice(Option<Sent>),
+    Receipts(ReceiptsMoved),
+}
+
+type Reply = oneshot::Sender<Result<Outcome, MessageError>>;
+
+/// One command on its way to the writer, with the channel its outcome goes back
+/// on.
 #[derive(Debug)]
 pub(crate) struct WriteRequest {
-    command: SendCommand,
+    command: Command,
     reply: Reply,
 }
 
@@ -65,7 +134,7 @@ pub(crate) struct WriteRequest {
 pub(crate) struct WriterStats {
     /// Transactions committed.
     pub(crate) commits: AtomicU64,
-    /// Sends in the largest batch committed so far.
+    /// Commands in the largest batch committed so far.
     pub(crate) max_batch: AtomicU64,
 }
 
@@ -88,6 +157,7 @@ pub(crate) fn spawn(
         log,
         ids: Snowflake::new(node_id),
         seqs: HashMap::new(),
+        snapshots: HashMap::new(),
         bus,
         max_batch: max_batch.max(1),
         stats: Arc::clone(&stats),
@@ -104,11 +174,9 @@ pub(crate) fn spawn(
 /// # Errors
 ///
 /// [`MessageError::ShuttingDown`] when the writer has stopped;
-/// [`MessageError::CommitFailed`] when the batch could not be committed.
-pub(crate) async fn submit(
-    handle: &WriterHandle,
-    command: SendCommand,
-) -> Result<Sent, MessageError> {
+/// [`MessageError::CommitFailed`] when the batch could not be committed; the
+/// command's own refusal (a non-member: [`MessageError::ConversationNotFound`]).
+async fn request(handle: &WriterHandle, command: Command) -> Result<Outcome, MessageError> {
     let (reply, answer) = oneshot::channel();
     handle
         .send(WriteRequest { command, reply })
@@ -119,13 +187,149 @@ pub(crate) async fn submit(
     answer.await.map_err(|_| MessageError::ShuttingDown)?
 }
 
-/// Where the message a send is answered with comes from.
+/// Sends a message and waits until it is durable (or found to be a retry).
+///
+/// # Errors
+///
+/// As [`request`].
+pub(crate) async fn submit(
+    handle: &WriterHandle,
+    command: SendCommand,
+) -> Result<Sent, MessageError> {
+    match request(handle, Command::Send(command)).await? {
+        Outcome::Sent(sent) => Ok(sent),
+        other => unreachable!("send answered with {other:?}"),
+    }
+}
+
+/// Writes a membership change and waits until it is durable.
+///
+/// # Errors
+///
+/// As [`request`].
+pub(crate) async fn submit_notice(
+    handle: &WriterHandle,
+    command: NoticeCommand,
+) -> Result<Option<Sent>, MessageError> {
+    match request(handle, Command::Notice(command)).await? {
+        Outcome::Notice(sent) => Ok(sent),
+        other => unreachable!("notice answered with {other:?}"),
+    }
+}
+
+/// Moves watermarks and waits until they are durable.
+///
+/// # Errors
+///
+/// As [`request`].
+pub(crate) async fn submit_receipts(
+    handle: &WriterHandle,
+    command: ReceiptCommand,
+) -> Result<ReceiptsMoved, MessageError> {
+    match request(handle, Command::Receipts(command)).await? {
+        Outcome::Receipts(moved) => Ok(moved),
+        other => unreachable!("receipts answered with {other:?}"),
+    }
+}
+
+/// Returns the client_msg_id of the notice of a conversation at `version`: a
+/// retried AppendNotice finds the original. The conversation id is part of it
+/// because versions count per conversation and one actor changes many.
+pub(crate) fn notice_key(conversation_id: i64, version: i64) -> String {
+    format!("notice:{conversation_id}:{version}")
+}
+
+/// Where the message a command is answered with comes from.
 #[derive(Debug, Clone, Copy)]
 enum Original {
     /// Stored by an earlier batch: index into the dedup lookup's result.
     Stored(usize),
     /// New in this batch: index into the batch's new messages.
     New(usize),
+}
+
+/// How one command will be answered once the batch commits.
+#[derive(Debug)]
+enum Answer {
+    Sent(Original, bool),
+    Notice(Option<(Original, bool)>),
+    Receipts(ReceiptsMoved),
+    Refused(MessageError),
+}
+
+/// An event decided in the first pass, numbered in the second.
+#[derive(Debug)]
+struct Pending {
+    audience: Audience,
+    payload: PendingPayload,
+    origin_device: Option<String>,
+    accepted_at: Instant,
+}
+
+#[derive(Debug)]
+enum PendingPayload {
+    /// Index into the batch's new messages.
+    Message(usize),
+    ChannelPost(usize),
+    Receipt(Receipt),
+    ReadState(ReadState),
+}
+
+/// A change to the leave points, applied in command order.
+#[derive(Debug)]
+enum LeaveChange {
+    Record {
+        conversation_id: i64,
+        leaves: Vec<(i64, i64)>,
+        drop_receipts: bool,
+    },
+    Clear {
+        conversation_id: i64,
+        user_ids: Vec<i64>,
+    },
+}
+
+/// What one batch has decided so far, in commit order.
+#[derive(Debug)]
+struct BatchState<'k> {
+    /// Where the message of each dedup key is: stored before, or new in this
+    /// batch.
+    originals: HashMap<(i64, &'k str), Original>,
+    /// New messages, in id order.
+    messages: Vec<StoredMessage>,
+    /// New events, in commit order.
+    pending: Vec<Pending>,
+    leaves: Vec<LeaveChange>,
+    /// Watermarks of the receipt commands' (conversation, user), as loaded and
+    /// then moved.
+    marks: HashMap<(i64, i64), Watermarks>,
+    /// The keys of `marks` that moved.
+    moved: HashSet<(i64, i64)>,
+    /// Newest message id of the receipt commands' conversations, this batch's
+    /// messages included.
+    newest: HashMap<i64, i64>,
+    answers: Vec<Answer>,
+    accepted_at: Instant,
+}
+
+impl BatchState<'_> {
+    /// Returns the messages of this batch in `conversation_id` with
+    /// `after < id <= up_to`, sent by others than `except`, not notices.
+    fn new_by_others(
+        &self,
+        conversation_id: i64,
+        after: i64,
+        up_to: i64,
+        except: i64,
+    ) -> impl Iterator<Item = &StoredMessage> {
+        self.messages.iter().filter(move |m| {
+            m.conversation_id == conversation_id
+                && m.id > after
+                && m.id <= up_to
+                && m.sender_id != except
+                && m.notice.is_none()
+        })
+    }
 }
 
 struct Writer {
@@ -135,6 +339,12 @@ struct Writer {
     /// Between batches it holds only committed values: a failed batch drops the
     /// users it touched.
     seqs: HashMap<i64, u64>,
+    /// The membership of each conversation as of the last committed command:
+    /// who gets a send's events, and who may send. Changed by notices in
+    /// commit order, and filled from the send path's hints on a miss. A failed
+    /// batch keeps what it installed: snapshots mirror group-svc, where the
+    /// change is committed already.
+    snapshots: HashMap<i64, Arc<Snapshot>>,
     bus: Arc<dyn LiveBus>,
     max_batch: usize,
     stats: Arc<WriterStats>,
@@ -143,12 +353,15 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut batch = Vec::with_capacity(self.max_batch);
-        // Waits for one send, then takes whatever else is queued: while one batch
-        // is being flushed the next one gathers, with no timer.
+        // Waits for one command, then takes whatever else is queued: while one
+        // batch is being flushed the next one gathers, with no timer.
         while rx.recv_many(&mut batch, self.max_batch).await > 0 {
             self.commit_batch(std::mem::take(&mut batch)).await;
             if self.seqs.len() > MAX_CACHED_SEQS {
                 self.seqs.clear();
+            }
+            if self.snapshots.len() > MAX_CACHED_SNAPSHOTS {
+                self.snapshots.clear();
             }
         }
         if let Err(error) = self.log.close().await {
@@ -169,13 +382,23 @@ impl Writer {
             return;
         }
 
-        let accepted = outcomes
+        let (mut accepted, mut duplicates) = (0_u64, 0_u64);
+        for outcome in &outcomes {
+            match outcome {
+                Ok(Outcome::Sent(sent)) if sent.duplicate => duplicates += 1,
+                Ok(Outcome::Sent(_)) => accepted += 1,
+                _ => {}
+            }
+        }
+        metrics::counter!("confab_messages_accepted_total").increment(accepted);
+        metrics::counter!("confab_messages_duplicate_total").increment(duplicates);
+        // Rows written into users' event sequences: the cost of fan-out on write
+        // (channel posts add none).
+        let sequenced = events
             .iter()
-            .filter(|sent: &&Sent| !sent.duplicate)
+            .filter(|event| matches!(event.audience, Audience::User(_)))
             .count();
-        metrics::counter!("confab_messages_accepted_total").increment(accepted as u64);
-        metrics::counter!("confab_messages_duplicate_total")
-            .increment((batch.len() - accepted) as u64);
+        metrics::counter!("confab_message_events_total").increment(sequenced as u64);
         metrics::histogram!("confab_message_commit_batch_size").record(batch.len() as f64);
         metrics::histogram!("confab_message_commit_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -184,10 +407,10 @@ impl Writer {
             .max_batch
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
 
-        for (request, sent) in batch.into_iter().zip(outcomes) {
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
             // The caller may have given up; the message is stored all the same and
             // its retry finds it.
-            let _ = request.reply.send(Ok(sent));
+            let _ = request.reply.send(outcome);
         }
         if !events.is_empty() {
             self.bus.publish(&events);
@@ -197,122 +420,499 @@ impl Writer {
     /// Runs the whole batch in one transaction. On success `outcomes` holds one
     /// entry per request and `events` the new events in commit order.
     ///
-    /// The statements do not grow with the batch: one dedup lookup, one lookup of
-    /// the last seqs not in memory, one insert of the messages and one of the
-    /// events (each split only at the backend's size limit). Everything else,
-    /// dedup within the batch included, is decided here in memory, in request
-    /// order.
+    /// The statements do not grow with the batch: one dedup lookup, one lookup
+    /// each of the watermarks and newest ids the receipt commands need, one of
+    /// the last seqs not in memory, one insert each of the messages, the events
+    /// and the watermarks (each split only at the backend's size limit).
+    /// Everything else, dedup within the batch included, is decided here in
+    /// memory, in request order. The exceptions are rare or inherent: a
+    /// receipt command asks for the senders it covers and counts the unread
+    /// messages; a notice that removes or re-adds members writes their leave
+    /// points.
     async fn apply(
         &mut self,
         batch: &[WriteRequest],
-        outcomes: &mut Vec<Sent>,
+        outcomes: &mut Vec<Result<Outcome, MessageError>>,
         events: &mut Vec<Arc<LiveEvent>>,
         touched: &mut HashSet<i64>,
     ) -> Result<(), StoreError> {
         self.log.begin().await?;
 
-        let keys: Vec<(i64, &str)> = batch
+        // The dedup key of every command that may write a message.
+        let notice_keys: Vec<Option<String>> = batch
             .iter()
-            .map(|request| {
-                let command = &request.command;
-                (command.sender_id, command.client_msg_id.as_str())
+            .map(|request| match &request.command {
+                Command::Notice(notice) if !notice.snapshot.is_channel() => notice
+                    .notice
+                    .as_ref()
+                    .map(|_| notice_key(notice.conversation_id, notice.snapshot.version)),
+                _ => None,
             })
             .collect();
-        let stored = self.log.find_sent_many(&keys).await?;
-        // Where the message of each (sender, client_msg_id) is: stored before, or
-        // new in this batch. A key seen again (stored, or earlier in the batch)
-        // is a duplicate and gets that message.
-        let mut originals: HashMap<(i64, &str), Original> = stored
+        let keys: Vec<Option<(i64, &str)>> = batch
             .iter()
-            .enumerate()
-            .map(|(i, message)| {
-                let key = (message.sender_id, message.client_msg_id.as_str());
-                (key, Original::Stored(i))
-            })
+            .zip(&notice_keys)
+            .map(
+                |(request, notice_key)| match (&request.command, notice_key) {
+                    (Command::Send(send), _) => Some((send.sender_id, send.client_msg_id.as_str())),
+                    (Command::Notice(notice), Some(key)) => {
+                        let actor = notice.notice.as_ref().map_or(0, |n| n.actor_id);
+                        Some((actor, key.as_str()))
+                    }
+                    _ => None,
+                },
+            )
             .collect();
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut new_commands = Vec::new();
-        for (request, &key) in batch.iter().zip(&keys) {
-            match originals.entry(key) {
-                Entry::Occupied(original) => answers.push((*original.get(), true)),
-                Entry::Vacant(slot) => {
-                    let original = Original::New(new_commands.len());
-                    slot.insert(original);
-                    answers.push((original, false));
-                    new_commands.push(&request.command);
-                }
+        let lookup: Vec<(i64, &str)> = keys.iter().flatten().copied().collect();
+        let stored = if lookup.is_empty() {
+            Vec::new()
+        } else {
+            self.log.find_sent_many(&lookup).await?
+        };
+
+        let mut receipt_keys = Vec::new();
+        let mut receipt_conversations = Vec::new();
+        for request in batch {
+            if let Command::Receipts(receipt) = &request.command {
+                receipt_keys.push((receipt.conversation_id, receipt.user_id));
+                receipt_conversations.push(receipt.conversation_id);
             }
         }
+        receipt_conversations.sort_unstable();
+        receipt_conversations.dedup();
+        let (marks, newest) = if receipt_keys.is_empty() {
+            (HashMap::new(), HashMap::new())
+        } else {
+            (
+                self.log.load_watermarks(&receipt_keys).await?,
+                self.log.newest_ids(&receipt_conversations).await?,
+            )
+        };
 
-        let unknown: HashSet<i64> = new_commands
-            .iter()
-            .flat_map(|command| command.members.iter().copied())
-            .filter(|user_id| !self.seqs.contains_key(user_id))
-            .collect();
-        if !unknown.is_empty() {
-            let unknown: Vec<i64> = unknown.into_iter().collect();
-            let last = self.log.last_seqs(&unknown).await?;
-            // Committed values (the transaction has written nothing yet), so they
-            // may stay in the map whatever happens to this batch.
-            for user_id in unknown {
-                self.seqs
-                    .insert(user_id, last.get(&user_id).copied().unwrap_or(0));
-            }
-        }
-
+        let mut state = BatchState {
+            originals: stored
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ((m.sender_id, m.client_msg_id.as_str()), Original::Stored(i)))
+                .collect(),
+            messages: Vec::new(),
+            pending: Vec::new(),
+            leaves: Vec::new(),
+            marks,
+            moved: HashSet::new(),
+            newest,
+            answers: Vec::with_capacity(batch.len()),
+            accepted_at: Instant::now(),
+        };
         let sent_at_ms = confab_common::now_ms();
-        let mut messages = Vec::with_capacity(new_commands.len());
-        let mut rows =
-            Vec::with_capacity(new_commands.iter().map(|c| c.members.len()).sum::<usize>());
-        for command in new_commands {
+        for (request, key) in batch.iter().zip(&keys) {
             // In request order: ids increase in commit order in every
-            // conversation, and each user's seqs follow the same order.
-            let message = StoredMessage {
-                id: self.ids.next_id(),
-                conversation_id: command.conversation_id,
-                sender_id: command.sender_id,
-                sender_device: command.sender_device.clone(),
-                client_msg_id: command.client_msg_id.clone(),
-                sent_at_ms,
-                text: command.text.clone(),
+            // conversation, and each user's events follow the same order.
+            let answer = match &request.command {
+                Command::Send(send) => self.apply_send(&mut state, send, key, sent_at_ms),
+                Command::Notice(notice) => self.apply_notice(&mut state, notice, key, sent_at_ms),
+                Command::Receipts(receipt) => self.apply_receipts(&mut state, receipt).await?,
             };
-            for &user_id in command.members.iter() {
-                let seq = self.next_seq(user_id, touched);
-                rows.push((user_id, seq, message.id));
-                let origin_device =
-                    (user_id == command.sender_id).then(|| command.sender_device.clone());
-                events.push(Arc::new(LiveEvent {
-                    user_id,
-                    event: Event {
-                        seq,
-                        kind: Some(event::Kind::Message((&message).into())),
-                    },
-                    origin_device,
-                    accepted_at: command.accepted_at,
-                }));
-            }
-            messages.push(message);
+            state.answers.push(answer);
         }
-        if !messages.is_empty() {
-            self.log.insert_messages(&messages).await?;
+
+        let rows = self.number_events(&state, events, touched).await?;
+        if !state.messages.is_empty() {
+            self.log.insert_messages(&state.messages).await?;
+        }
+        if !rows.is_empty() {
             self.log.insert_events(&rows).await?;
         }
+        if !state.moved.is_empty() {
+            let moved: Vec<(i64, i64, Watermarks)> = state
+                .moved
+                .iter()
+                .map(|&(conversation_id, user_id)| {
+                    (
+                        conversation_id,
+                        user_id,
+                        state.marks[&(conversation_id, user_id)],
+                    )
+                })
+                .collect();
+            self.log.save_watermarks(&moved).await?;
+        }
+        for change in &state.leaves {
+            match change {
+                LeaveChange::Record {
+                    conversation_id,
+                    leaves,
+                    drop_receipts,
+                } => {
+                    self.log
+                        .record_leaves(*conversation_id, leaves, *drop_receipts)
+                        .await?;
+                }
+                LeaveChange::Clear {
+                    conversation_id,
+                    user_ids,
+                } => self.log.clear_leaves(*conversation_id, user_ids).await?,
+            }
+        }
 
-        outcomes.extend(answers.into_iter().map(|(original, duplicate)| {
-            let message = match original {
-                Original::Stored(i) => stored[i].clone(),
-                Original::New(i) => messages[i].clone(),
-            };
-            Sent { message, duplicate }
+        let answers = std::mem::take(&mut state.answers);
+        let message = |original: Original| match original {
+            Original::Stored(i) => stored[i].clone(),
+            Original::New(i) => state.messages[i].clone(),
+        };
+        outcomes.extend(answers.into_iter().map(|answer| match answer {
+            Answer::Sent(original, duplicate) => Ok(Outcome::Sent(Sent {
+                message: message(original),
+                duplicate,
+            })),
+            Answer::Notice(written) => {
+                Ok(Outcome::Notice(written.map(|(original, duplicate)| Sent {
+                    message: message(original),
+                    duplicate,
+                })))
+            }
+            Answer::Receipts(moved) => Ok(Outcome::Receipts(moved)),
+            Answer::Refused(error) => Err(error),
         }));
         // The acknowledgements wait for this: with synchronous = FULL the batch is
         // on disk when it returns.
         self.log.commit().await
     }
 
+    /// Returns the writer's snapshot of a conversation, installing `hint` first
+    /// when the writer has none or an older one.
+    fn resolve(&mut self, conversation_id: i64, hint: &Arc<Snapshot>) -> Arc<Snapshot> {
+        match self.snapshots.entry(conversation_id) {
+            Entry::Occupied(mut current) => {
+                if hint.version > current.get().version {
+                    current.insert(Arc::clone(hint));
+                }
+                Arc::clone(current.get())
+            }
+            Entry::Vacant(slot) => Arc::clone(slot.insert(Arc::clone(hint))),
+        }
+    }
+
+    fn apply_send<'k>(
+        &mut self,
+        state: &mut BatchState<'k>,
+        send: &SendCommand,
+        key: &Option<(i64, &'k str)>,
+        sent_at_ms: i64,
+    ) -> Answer {
+        let Some(key) = *key else {
+            unreachable!("every send has a dedup key");
+        };
+        // A retry gets its original even if the sender has left since: it tells
+        // them nothing they did not know.
+        if let Some(&original) = state.originals.get(&key) {
+            return Answer::Sent(original, true);
+        }
+        let snapshot = self.resolve(send.conversation_id, &send.hint);
+        // Channels have no member list; the send path checked the poster's role.
+        if !snapshot.is_channel() && !snapshot.has_member(send.sender_id) {
+            return Answer::Refused(MessageError::ConversationNotFound);
+        }
+        let index = state.messages.len();
+        let message = StoredMessage {
+            id: self.ids.next_id(),
+            conversation_id: send.conversation_id,
+            sender_id: send.sender_id,
+            sender_device: send.sender_device.clone(),
+            client_msg_id: send.client_msg_id.clone(),
+            sent_at_ms,
+            text: send.text.clone(),
+            notice: None,
+        };
+        state.newest.insert(message.conversation_id, message.id);
+        state.messages.push(message);
+        state.originals.insert(key, Original::New(index));
+        if snapshot.is_channel() {
+            state.pending.push(Pending {
+                audience: Audience::Channel(send.conversation_id),
+                payload: PendingPayload::ChannelPost(index),
+                origin_device: Some(send.sender_device.clone()),
+                accepted_at: send.accepted_at,
+            });
+        } else {
+            for &user_id in snapshot.members.iter() {
+                let origin_device = (user_id == send.sender_id).then(|| send.sender_device.clone());
+                state.pending.push(Pending {
+                    audience: Audience::User(user_id),
+                    payload: PendingPayload::Message(index),
+                    origin_device,
+                    accepted_at: send.accepted_at,
+                });
+            }
+        }
+        Answer::Sent(Original::New(index), false)
+    }
+
+    fn apply_notice<'k>(
+        &mut self,
+        state: &mut BatchState<'k>,
+        command: &NoticeCommand,
+        key: &Option<(i64, &'k str)>,
+        sent_at_ms: i64,
+    ) -> Answer {
+        let conversation_id = command.conversation_id;
+        let current = self.snapshots.get(&conversation_id).map(|s| s.version);
+        let stale = current.is_some_and(|version| version > command.snapshot.version);
+        if !stale {
+            self.snapshots
+                .insert(conversation_id, Arc::clone(&command.snapshot));
+        }
+        let mut written = None;
+        let leave_point = match (*key, &command.notice) {
+            (Some(key), Some(notice)) => {
+                if let Some(&original) = state.originals.get(&key) {
+                    // A retry: the original wrote the leave points as well.
+                    return Answer::Notice(Some((original, true)));
+                }
+                let index = state.messages.len();
+                let message = StoredMessage {
+                    id: self.ids.next_id(),
+                    conversation_id,
+                    sender_id: notice.actor_id,
+                    sender_device: String::new(),
+                    client_msg_id: key.1.to_owned(),
+                    sent_at_ms,
+                    text: String::new(),
+                    notice: Some(notice.clone()),
+                };
+                let id = message.id;
+                state.newest.insert(conversation_id, id);
+                state.messages.push(message);
+                state.originals.insert(key, Original::New(index));
+                // The members after the change, and those it removed: they learn
+                // of it, and it is the last thing they get.
+                let mut recipients: Vec<i64> = command
+                    .snapshot
+                    .members
+                    .iter()
+                    .chain(&command.removed)
+                    .copied()
+                    .collect();
+                recipients.sort_unstable();
+                recipients.dedup();
+                for user_id in recipients {
+                    state.pending.push(Pending {
+                        audience: Audience::User(user_id),
+                        payload: PendingPayload::Message(index),
+                        origin_device: None,
+                        accepted_at: state.accepted_at,
+                    });
+                }
+                written = Some((Original::New(index), false));
+                id
+            }
+            // Channels (and a change without a notice) write no message. A
+            // stale channel change (a retry overtaken by a newer one) would move
+            // leave points of users who may be back: it changes nothing.
+            _ if stale => return Answer::Notice(None),
+            // A fresh id is larger than every committed message's and smaller
+            // than every later one's: a leave point without a message.
+            _ => self.ids.next_id(),
+        };
+        if !command.added.is_empty() {
+            state.leaves.push(LeaveChange::Clear {
+                conversation_id,
+                user_ids: command.added.clone(),
+            });
+        }
+        if !command.removed.is_empty() {
+            state.leaves.push(LeaveChange::Record {
+                conversation_id,
+                leaves: command
+                    .removed
+                    .iter()
+                    .map(|&user_id| (user_id, leave_point))
+                    .collect(),
+                // Channel receipt counts are SQL counts over the table: only
+                // current subscribers may have a row.
+                drop_receipts: command.snapshot.is_channel(),
+            });
+        }
+        Answer::Notice(written)
+    }
+
+    async fn apply_receipts(
+        &mut self,
+        state: &mut BatchState<'_>,
+        command: &ReceiptCommand,
+    ) -> Result<Answer, StoreError> {
+        let (conversation_id, user_id) = (command.conversation_id, command.user_id);
+        let snapshot = self.resolve(conversation_id, &command.hint);
+        // Channels have no member list; the service checked with group-svc.
+        if !snapshot.is_channel() && !snapshot.has_member(user_id) {
+            return Ok(Answer::Refused(MessageError::ConversationNotFound));
+        }
+        let key = (conversation_id, user_id);
+        let old = state.marks.get(&key).copied().unwrap_or_default();
+        let newest = state.newest.get(&conversation_id).copied().unwrap_or(0);
+        // Watermarks never pass the newest message, never move back, and
+        // reading implies delivery.
+        let read_up_to = old.read_up_to.max(command.read_up_to.min(newest));
+        let delivered_up_to = old
+            .delivered_up_to
+            .max(command.delivered_up_to.min(newest))
+            .max(read_up_to);
+        let new = Watermarks {
+            delivered_up_to,
+            read_up_to,
+        };
+        debug_assert!(new.read_up_to <= new.delivered_up_to);
+        let read_moved = new.read_up_to > old.read_up_to;
+        if new != old {
+            state.marks.insert(key, new);
+            state.moved.insert(key);
+        }
+
+        if new != old && !snapshot.is_channel() {
+            // Messages newly covered by either watermark (read never passes
+            // delivered, so one range holds both).
+            let after = if read_moved {
+                old.read_up_to
+            } else {
+                old.delivered_up_to
+            };
+            let mut senders = self
+                .log
+                .senders_between(conversation_id, after, new.delivered_up_to, user_id)
+                .await?;
+            senders.extend(
+                state
+                    .new_by_others(conversation_id, after, new.delivered_up_to, user_id)
+                    .map(|m| m.sender_id),
+            );
+            senders.sort_unstable();
+            senders.dedup();
+            for sender_id in senders {
+                state.pending.push(Pending {
+                    audience: Audience::User(sender_id),
+                    payload: PendingPayload::Receipt(Receipt {
+                        conversation_id,
+                        user_id,
+                        delivered_up_to: new.delivered_up_to,
+                        read_up_to: new.read_up_to,
+                    }),
+                    origin_device: None,
+                    accepted_at: state.accepted_at,
+                });
+            }
+        }
+
+        let stored = self
+            .log
+            .count_unread(conversation_id, new.read_up_to, user_id, UNREAD_CAP)
+            .await?;
+        let in_batch = state
+            .new_by_others(conversation_id, new.read_up_to, i64::MAX, user_id)
+            .count();
+        let unread_count = stored
+            .saturating_add(u32::try_from(in_batch).unwrap_or(u32::MAX))
+            .min(UNREAD_CAP);
+        if read_moved {
+            // Every device of the reader clears its badge.
+            state.pending.push(Pending {
+                audience: Audience::User(user_id),
+                payload: PendingPayload::ReadState(ReadState {
+                    conversation_id,
+                    read_up_to: new.read_up_to,
+                    unread_count,
+                }),
+                origin_device: None,
+                accepted_at: state.accepted_at,
+            });
+        }
+        Ok(Answer::Receipts(ReceiptsMoved {
+            marks: new,
+            unread_count,
+        }))
+    }
+
+    /// Numbers the batch's pending events per user, in commit order, and returns
+    /// their rows; `events` gets them ready to publish.
+    async fn number_events(
+        &mut self,
+        state: &BatchState<'_>,
+        events: &mut Vec<Arc<LiveEvent>>,
+        touched: &mut HashSet<i64>,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let unknown: HashSet<i64> = state
+            .pending
+            .iter()
+            .filter_map(|pending| match pending.audience {
+                Audience::User(user_id) if !self.seqs.contains_key(&user_id) => Some(user_id),
+                _ => None,
+            })
+            .collect();
+        if !unknown.is_empty() {
+            let unknown: Vec<i64> = unknown.into_iter().collect();
+            let last = self.log.last_seqs(&unknown).await?;
+            // Committed values (the transaction has written no event yet), so
+            // they may stay in the map whatever happens to this batch.
+            for user_id in unknown {
+                self.seqs
+                    .insert(user_id, last.get(&user_id).copied().unwrap_or(0));
+            }
+        }
+
+        let mut rows = Vec::with_capacity(state.pending.len());
+        events.reserve(state.pending.len());
+        for pending in &state.pending {
+            let (seq, kind) = match (&pending.payload, pending.audience) {
+                (PendingPayload::ChannelPost(index), _) => {
+                    // In nobody's sequence: subscribers fetch channels by history.
+                    let post = event::Kind::ChannelPost((&state.messages[*index]).into());
+                    (0, post)
+                }
+                (payload, Audience::User(user_id)) => {
+                    let seq = self.next_seq(user_id, touched);
+                    let (message_id, row_payload, kind) = match payload {
+                        PendingPayload::Message(index) => {
+                            let message = &state.messages[*index];
+                            let kind = event::Kind::Message(message.into());
+                            (message.id, EventPayload::Message, kind)
+                        }
+                        PendingPayload::Receipt(receipt) => (
+                            0,
+                            EventPayload::Receipt(*receipt),
+                            event::Kind::Receipt(*receipt),
+                        ),
+                        PendingPayload::ReadState(read) => (
+                            0,
+                            EventPayload::ReadState(*read),
+                            event::Kind::ReadState(*read),
+                        ),
+                        PendingPayload::ChannelPost(_) => unreachable!("matched above"),
+                    };
+                    rows.push(EventRow {
+                        user_id,
+                        seq,
+                        message_id,
+                        payload: row_payload,
+                    });
+                    (seq, kind)
+                }
+                (_, Audience::Channel(_)) => unreachable!("only channel posts go to channels"),
+            };
+            events.push(Arc::new(LiveEvent {
+                audience: pending.audience,
+                event: Event {
+                    seq,
+                    kind: Some(kind),
+                },
+                origin_device: pending.origin_device.clone(),
+                accepted_at: pending.accepted_at,
+            }));
+        }
+        Ok(rows)
+    }
+
     /// Returns the next sequence number of `user_id` and records it as used. The
-    /// user's last number must be in `seqs` already (`apply` loads the missing
-    /// ones first).
+    /// user's last number must be in `seqs` already (`number_events` loads the
+    /// missing ones first).
     fn next_seq(&mut self, user_id: i64, touched: &mut HashSet<i64>) -> u64 {
         let last = self.seqs.get(&user_id).copied();
         debug_assert!(last.is_some(), "last seq of user {user_id} not loaded");
@@ -350,446 +950,4 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    use super::*;
-    use crate::store::sqlite::{self, SqliteLogWriter, SqliteStore};
-    use crate::store::{BoxFuture, MessageStore as _, UserEvent};
-    use crate::testing::RecordingBus;
-
-    struct Setup {
-        handle: WriterHandle,
-        done: watch::Receiver<bool>,
-        stats: Arc<WriterStats>,
-        store: SqliteStore,
-        bus: Arc<RecordingBus>,
-        live: mpsc::UnboundedReceiver<Arc<LiveEvent>>,
-    }
-
-    async fn setup(dir: &tempfile::TempDir, fail_commit: Option<Arc<AtomicBool>>) -> Setup {
-        let (store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
-        let log: Box<dyn LogWriter> = match fail_commit {
-            Some(fail) => Box::new(FailingLog { inner: log, fail }),
-            None => Box::new(log),
-        };
-        let (bus, live) = RecordingBus::new();
-        let (handle, done, stats) = spawn(log, 3, 512, bus.clone());
-        Setup {
-            handle,
-            done,
-            stats,
-            store,
-            bus,
-            live,
-        }
-    }
-
-    fn command(
-        sender_id: i64,
-        conversation_id: i64,
-        members: &[i64],
-        client_msg_id: &str,
-    ) -> SendCommand {
-        SendCommand {
-            sender_id,
-            sender_device: format!("device-{sender_id}"),
-            conversation_id,
-            client_msg_id: client_msg_id.into(),
-            text: format!("hello from {sender_id}"),
-            members: members.into(),
-            accepted_at: Instant::now(),
-        }
-    }
-
-    async fn all_events(store: &SqliteStore, user_id: i64) -> Vec<UserEvent> {
-        store.sync(user_id, 0, 10_000).await.unwrap().events.items
-    }
-
-    /// Fails the next commit when `fail` is set, like a full disk would.
-    #[derive(Debug)]
-    struct FailingLog {
-        inner: SqliteLogWriter,
-        fail: Arc<AtomicBool>,
-    }
-
-    impl LogWriter for FailingLog {
-        fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-            self.inner.begin()
-        }
-        fn find_sent_many<'a>(
-            &'a mut self,
-            keys: &'a [(i64, &'a str)],
-        ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>> {
-            self.inner.find_sent_many(keys)
-        }
-        fn last_seqs<'a>(
-            &'a mut self,
-            user_ids: &'a [i64],
-        ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>> {
-            self.inner.last_seqs(user_ids)
-        }
-        fn insert_messages<'a>(
-            &'a mut self,
-            messages: &'a [StoredMessage],
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.insert_messages(messages)
-        }
-        fn insert_events<'a>(
-            &'a mut self,
-            events: &'a [(i64, u64, i64)],
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
-            self.inner.insert_events(events)
-        }
-        fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-            if self.fail.swap(false, Ordering::SeqCst) {
-                return Box::pin(async {
-                    Err(sqlx::Error::Protocol("injected commit failure".into()).into())
-                });
-            }
-            self.inner.commit()
-        }
-        fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-            self.inner.rollback()
-        }
-        fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
-            Box::new(self.inner).close()
-        }
-    }
-
-    /// A retry with the same (sender, client_msg_id) returns the original message
-    /// with `duplicate` set and stores nothing, also with other content.
-    #[tokio::test]
-    async fn retry_returns_original() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        let first = submit(&s.handle, command(1, 10, &[1, 2], "a"))
-            .await
-            .unwrap();
-        let mut retry = command(1, 10, &[1, 2], "a");
-        retry.text = "different".into();
-        let second = submit(&s.handle, retry).await.unwrap();
-        assert!(!first.duplicate);
-        assert!(second.duplicate);
-        assert_eq!(second.message, first.message);
-        assert_eq!(all_events(&s.store, 2).await.len(), 1);
-        // Another sender may use the same client_msg_id.
-        let other = submit(&s.handle, command(2, 10, &[1, 2], "a"))
-            .await
-            .unwrap();
-        assert!(!other.duplicate);
-        assert_ne!(other.message.id, first.message.id);
-    }
-
-    /// Two copies of one send inside one batch store one message: the second is
-    /// answered with the first's message, marked duplicate.
-    #[tokio::test]
-    async fn duplicate_within_one_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        // On the current-thread runtime the writer cannot run before both are
-        // queued, so they land in one batch.
-        let (a, b) = tokio::join!(
-            submit(&s.handle, command(1, 10, &[1, 2], "same")),
-            submit(&s.handle, command(1, 10, &[1, 2], "same")),
-        );
-        let (a, b) = (a.unwrap(), b.unwrap());
-        assert_eq!(s.stats.commits.load(Ordering::Relaxed), 1);
-        assert_eq!((a.duplicate, b.duplicate), (false, true));
-        assert_eq!(a.message, b.message);
-        assert_eq!(all_events(&s.store, 1).await.len(), 1);
-        assert_eq!(
-            s.bus.events.lock().len(),
-            2,
-            "one event per member, none for the copy"
-        );
-    }
-
-    /// 200 concurrent sends from three senders: every user's sequence is 1..=n
-    /// with each message once, ids increase with seq within every conversation,
-    /// far fewer commits than sends, and the bus sees every event in per-user seq
-    /// order, each readable (committed) when published.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_sends_gap_free_and_batched() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = setup(&dir, None).await;
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..200_i64 {
-            let handle = s.handle.clone();
-            let sender = 1 + i % 3;
-            // Conversation 10 = {1, 2, 3}, conversation 20 = {1, 2}.
-            let (conversation, members): (i64, &[i64]) = if sender == 3 || i % 2 == 0 {
-                (10, &[1, 2, 3])
-            } else {
-                (20, &[1, 2])
-            };
-            tasks.spawn(async move {
-                submit(
-                    &handle,
-                    command(sender, conversation, members, &format!("m{i}")),
-                )
-                .await
-            });
-        }
-        let mut sent = Vec::new();
-        while let Some(result) = tasks.join_next().await {
-            sent.push(result.unwrap().unwrap());
-        }
-        let commits = s.stats.commits.load(Ordering::Relaxed);
-        let largest = s.stats.max_batch.load(Ordering::Relaxed);
-        println!("200 concurrent sends: {commits} commits, largest batch {largest}");
-        assert!(commits <= 100, "{commits} commits for 200 sends");
-
-        for user in 1..=3_i64 {
-            let events = all_events(&s.store, user).await;
-            let expected = sent
-                .iter()
-                .filter(|sent| user != 3 || sent.message.conversation_id == 10)
-                .count();
-            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-            assert_eq!(
-                seqs,
-                (1..=expected as u64).collect::<Vec<_>>(),
-                "user {user}"
-            );
-            let mut ids: Vec<i64> = events.iter().map(|e| e.message.id).collect();
-            for conversation in [10, 20] {
-                let in_conversation: Vec<i64> = events
-                    .iter()
-                    .filter(|e| e.message.conversation_id == conversation)
-                    .map(|e| e.message.id)
-                    .collect();
-                assert!(
-                    in_conversation.windows(2).all(|w| w[0] < w[1]),
-                    "ids out of commit order"
-                );
-            }
-            ids.sort_unstable();
-            ids.dedup();
-            assert_eq!(ids.len(), expected, "user {user} got a message twice");
-        }
-
-        let mut last_seq: HashMap<i64, u64> = HashMap::new();
-        let published = s.bus.events.lock().len();
-        for _ in 0..published {
-            let event = s.live.recv().await.unwrap();
-            let last = last_seq.entry(event.user_id).or_default();
-            assert_eq!(
-                event.event.seq,
-                *last + 1,
-                "user {} out of order",
-                event.user_id
-            );
-            *last = event.event.seq;
-            let stored = s
-                .store
-                .sync(event.user_id, event.event.seq - 1, 1)
-                .await
-                .unwrap();
-            let Some(event::Kind::Message(message)) = &event.event.kind else {
-                panic!("not a message event");
-            };
-            assert_eq!(stored.events.items[0].message.id, message.id);
-            let own = event.user_id == message.sender_id;
-            assert_eq!(event.origin_device.is_some(), own);
-        }
-        assert_eq!(last_seq[&1], 200);
-    }
-
-    /// A failed commit answers every send of the batch with an error, stores
-    /// nothing, and the next batch reuses no sequence number and skips none.
-    #[tokio::test]
-    async fn failed_commit_rolls_back_and_reloads_seqs() {
-        let dir = tempfile::tempdir().unwrap();
-        let fail = Arc::new(AtomicBool::new(false));
-        let s = setup(&dir, Some(fail.clone())).await;
-        submit(&s.handle, command(1, 10, &[1, 2], "ok-1"))
-            .await
-            .unwrap();
-        fail.store(true, Ordering::SeqCst);
-        let (a, b) = tokio::join!(
-            submit(&s.handle, command(1, 10, &[1, 2], "lost-1")),
-            submit(&s.handle, command(2, 10, &[1, 2], "lost-2")),
-        );
-        assert!(matches!(a, Err(MessageError::CommitFailed(_))));
-        assert!(matches!(b, Err(MessageError::CommitFailed(_))));
-        let retried = submit(&s.handle, command(1, 10, &[1, 2], "lost-1"))
-            .await
-            .unwrap();
-        assert!(!retried.duplicate, "the failed batch stored nothing");
-        for user in [1, 2] {
-            let seqs: Vec<u64> = all_events(&s.store, user)
-                .await
-                .iter()
-                .map(|e| e.seq)
-                .collect();
-            assert_eq!(seqs, vec![1, 2]);
-        }
-        assert_eq!(
-            s.bus.events.lock().len(),
-            4,
-            "nothing published for the failed batch"
-        );
-    }
-
-    /// After a restart the sequences continue where they stopped, and old
-    /// client_msg_ids still dedup.
-    #[tokio::test]
-    async fn restart_continues_sequences() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        let first = submit(&s.handle, command(1, 10, &[1, 2], "before"))
-            .await
-            .unwrap();
-        submit(&s.handle, command(2, 10, &[1, 2], "before-2"))
-            .await
-            .unwrap();
-        let Setup {
-            handle, mut done, ..
-        } = s;
-        drop(handle);
-        done.wait_for(|done| *done).await.unwrap();
-
-        let s = setup(&dir, None).await;
-        let retry = submit(&s.handle, command(1, 10, &[1, 2], "before"))
-            .await
-            .unwrap();
-        assert!(retry.duplicate);
-        assert_eq!(retry.message.id, first.message.id);
-        let after = submit(&s.handle, command(1, 10, &[1, 2], "after"))
-            .await
-            .unwrap();
-        assert!(after.message.id > first.message.id);
-        for user in [1, 2] {
-            let seqs: Vec<u64> = all_events(&s.store, user)
-                .await
-                .iter()
-                .map(|e| e.seq)
-                .collect();
-            assert_eq!(seqs, vec![1, 2, 3]);
-        }
-        assert_eq!(
-            s.bus
-                .events
-                .lock()
-                .iter()
-                .map(|e| e.event.seq)
-                .collect::<Vec<_>>(),
-            vec![3, 3]
-        );
-    }
-
-    /// Three sends in one batch to a conversation of 6,000 members: 18,000 event
-    /// rows, more than one INSERT may carry (10,922 rows of 3 parameters), all
-    /// stored, each member's seqs 1, 2, 3 in the messages' commit order.
-    #[tokio::test]
-    async fn batch_beyond_one_chunk_stores_every_event() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        let members: Vec<i64> = (1..=6_000).collect();
-        let (a, b, c) = tokio::join!(
-            submit(&s.handle, command(1, 10, &members, "a")),
-            submit(&s.handle, command(2, 10, &members, "b")),
-            submit(&s.handle, command(3, 10, &members, "c")),
-        );
-        let ids = [a.unwrap(), b.unwrap(), c.unwrap()].map(|sent| sent.message.id);
-        assert_eq!(s.stats.commits.load(Ordering::Relaxed), 1, "one batch");
-        assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        for &user in &members {
-            let events = all_events(&s.store, user).await;
-            let stored: Vec<(u64, i64)> = events.iter().map(|e| (e.seq, e.message.id)).collect();
-            assert_eq!(
-                stored,
-                vec![(1, ids[0]), (2, ids[1]), (3, ids[2])],
-                "user {user}"
-            );
-        }
-        assert_eq!(s.bus.events.lock().len(), 18_000);
-    }
-
-    /// 600 sends queued at once with batches of at most 512: every one stored
-    /// once, in at least two commits, each member's seqs 1..=600 with ids
-    /// increasing along them.
-    #[tokio::test]
-    async fn more_sends_than_one_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        let members = [1, 2, 3, 4];
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..600_i64 {
-            let handle = s.handle.clone();
-            let sender = 1 + i % 4;
-            tasks.spawn(async move {
-                submit(&handle, command(sender, 10, &members, &format!("m{i}"))).await
-            });
-        }
-        let mut sent = Vec::new();
-        while let Some(result) = tasks.join_next().await {
-            let result = result.unwrap().unwrap();
-            assert!(!result.duplicate);
-            sent.push(result.message.id);
-        }
-        let commits = s.stats.commits.load(Ordering::Relaxed);
-        let largest = s.stats.max_batch.load(Ordering::Relaxed);
-        println!("600 queued sends: {commits} commits, largest batch {largest}");
-        assert!(commits >= 2, "{commits} commits");
-        assert!(largest <= 512, "batch of {largest}");
-        sent.sort_unstable();
-        sent.dedup();
-        assert_eq!(sent.len(), 600);
-        for user in members {
-            let events = all_events(&s.store, user).await;
-            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-            assert_eq!(seqs, (1..=600).collect::<Vec<_>>(), "user {user}");
-            let ids: Vec<i64> = events.iter().map(|e| e.message.id).collect();
-            assert_eq!(ids, sent, "user {user}: ids follow the seqs");
-        }
-    }
-
-    /// A copy in the batch of a message stored by an earlier batch, and a second
-    /// copy of a new one, are both answered from the right original, and the
-    /// seqs of the batch stay gap-free.
-    #[tokio::test]
-    async fn duplicates_of_stored_and_new_in_one_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = setup(&dir, None).await;
-        let old = submit(&s.handle, command(1, 10, &[1, 2], "old"))
-            .await
-            .unwrap();
-        let (retry, fresh, copy, other) = tokio::join!(
-            submit(&s.handle, command(1, 10, &[1, 2], "old")),
-            submit(&s.handle, command(2, 10, &[1, 2], "new")),
-            submit(&s.handle, command(2, 10, &[1, 2], "new")),
-            submit(&s.handle, command(1, 10, &[1, 2], "other")),
-        );
-        let (retry, fresh, copy, other) = (
-            retry.unwrap(),
-            fresh.unwrap(),
-            copy.unwrap(),
-            other.unwrap(),
-        );
-        assert_eq!(s.stats.commits.load(Ordering::Relaxed), 2);
-        assert_eq!((retry.duplicate, &retry.message), (true, &old.message));
-        assert!(!fresh.duplicate && !other.duplicate);
-        assert_eq!(
-            (copy.duplicate, copy.message),
-            (true, fresh.message.clone())
-        );
-        assert!(fresh.message.id < other.message.id);
-        for user in [1, 2] {
-            let ids: Vec<(u64, i64)> = all_events(&s.store, user)
-                .await
-                .iter()
-                .map(|e| (e.seq, e.message.id))
-                .collect();
-            assert_eq!(
-                ids,
-                vec![
-                    (1, old.message.id),
-                    (2, fresh.message.id),
-                    (3, other.message.id)
-                ]
-            );
-        }
-    }
-}
+mod tests;

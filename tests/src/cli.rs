@@ -108,8 +108,21 @@ impl CliUser {
     ///
     /// Fails when it cannot be spawned.
     pub fn chat(&self, peer: &str) -> Result<Chat> {
+        self.spawn_chat(&["chat", peer])
+    }
+
+    /// Starts `chat --conversation <id>` (a group) with piped stdin and stdout.
+    ///
+    /// # Errors
+    ///
+    /// Fails when it cannot be spawned.
+    pub fn chat_in(&self, conversation_id: i64) -> Result<Chat> {
+        self.spawn_chat(&["chat", "--conversation", &conversation_id.to_string()])
+    }
+
+    fn spawn_chat(&self, args: &[&str]) -> Result<Chat> {
         let mut child = self
-            .command(&["chat", peer])?
+            .command(args)?
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -5,8 +5,9 @@ use std::future::Future;
 
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
-    ClientFrame, Error as ErrorFrame, Event, Hello, Message, Ping, SendAck, SendMessage,
-    ServerFrame, Welcome, client_frame, event, server_frame,
+    ClientFrame, CloseChannel, Delivered, Error as ErrorFrame, Event, Hello, MarkRead, Message,
+    OpenChannel, Ping, ReadState, Receipt, SendAck, SendMessage, ServerFrame, Welcome,
+    client_frame, event, server_frame,
 };
 
 use crate::WAIT;
@@ -39,11 +40,14 @@ pub trait Transport: Send {
     fn recv(&mut self) -> impl Future<Output = Result<Incoming>> + Send;
 }
 
-/// The server's answer to a `SendMessage`.
+/// The server's answer to a frame that wants one (`SendMessage`, `Delivered`,
+/// `MarkRead`, `OpenChannel`, `CloseChannel`).
 #[derive(Debug, Clone)]
 pub enum Reply {
     /// Durable.
     Sent(SendAck),
+    /// Carried out.
+    Done,
     /// Refused.
     Error(ErrorFrame),
 }
@@ -186,6 +190,7 @@ impl<T: Transport> Conn<T> {
         {
             Reply::Sent(ack) => Ok(ack),
             Reply::Error(error) => bail!("send refused: {error:?}"),
+            Reply::Done => bail!("a send answered with done"),
         }
     }
 
@@ -247,6 +252,93 @@ impl<T: Transport> Conn<T> {
         }
     }
 
+    /// Sends a frame of `kind` and waits for its answer (ack, done or error).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the connection ends first.
+    pub async fn request(&mut self, kind: client_frame::Kind) -> Result<Reply> {
+        let r#ref = self.send_kind(kind).await?;
+        self.reply_to(r#ref).await
+    }
+
+    /// Sends `kind` and fails unless the server answers `done`.
+    async fn expect_done(&mut self, what: &str, kind: client_frame::Kind) -> Result<()> {
+        match self.request(kind).await? {
+            Reply::Done => Ok(()),
+            other => bail!("{what}: expected done, got {other:?}"),
+        }
+    }
+
+    /// `Delivered { conversation_id, up_to }`, answered with `done`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn delivered(&mut self, conversation_id: i64, up_to: i64) -> Result<()> {
+        let mark = Delivered {
+            conversation_id,
+            up_to,
+        };
+        self.expect_done("delivered", client_frame::Kind::Delivered(mark))
+            .await
+    }
+
+    /// `MarkRead { conversation_id, up_to }`, answered with `done`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn mark_read(&mut self, conversation_id: i64, up_to: i64) -> Result<()> {
+        let mark = MarkRead {
+            conversation_id,
+            up_to,
+        };
+        self.expect_done("mark read", client_frame::Kind::MarkRead(mark))
+            .await
+    }
+
+    /// `OpenChannel`, answered with `done`: live posts of the channel follow.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn open_channel(&mut self, conversation_id: i64) -> Result<()> {
+        let open = OpenChannel { conversation_id };
+        self.expect_done("open channel", client_frame::Kind::OpenChannel(open))
+            .await
+    }
+
+    /// `CloseChannel`, answered with `done`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn close_channel(&mut self, conversation_id: i64) -> Result<()> {
+        let close = CloseChannel { conversation_id };
+        self.expect_done("close channel", client_frame::Kind::CloseChannel(close))
+            .await
+    }
+
+    /// Proves that nothing is on its way to this connection: a ping's pong comes
+    /// back with no frame before it, and nothing is queued from earlier.
+    ///
+    /// Frames the server sent before it read the ping arrive before the pong, so
+    /// once the event being checked has reached other connections, this sees it.
+    ///
+    /// # Errors
+    ///
+    /// Fails with the frames that came, or when no pong comes.
+    pub async fn expect_quiet(&mut self, nonce: u64) -> Result<()> {
+        self.ping(nonce).await?;
+        let unexpected: Vec<ServerFrame> = self.pending.drain(..).collect();
+        anyhow::ensure!(
+            unexpected.is_empty(),
+            "expected nothing, got {unexpected:?}"
+        );
+        Ok(())
+    }
+
     /// Sends a ping and waits for its pong: proves the connection still works.
     ///
     /// # Errors
@@ -302,6 +394,45 @@ impl<T: Transport> Conn<T> {
         message_of(event)
     }
 
+    /// Returns the next event, which must be a receipt.
+    ///
+    /// # Errors
+    ///
+    /// Like [`Conn::next_event`], and when the event is of another kind.
+    pub async fn next_receipt(&mut self) -> Result<(u64, Receipt)> {
+        let event = self.next_event().await?;
+        match event.kind {
+            Some(event::Kind::Receipt(receipt)) => Ok((event.seq, receipt)),
+            other => bail!("event {} is not a receipt: {other:?}", event.seq),
+        }
+    }
+
+    /// Returns the next event, which must be a read state.
+    ///
+    /// # Errors
+    ///
+    /// Like [`Conn::next_event`], and when the event is of another kind.
+    pub async fn next_read_state(&mut self) -> Result<(u64, ReadState)> {
+        let event = self.next_event().await?;
+        match event.kind {
+            Some(event::Kind::ReadState(state)) => Ok((event.seq, state)),
+            other => bail!("event {} is not a read state: {other:?}", event.seq),
+        }
+    }
+
+    /// Returns the next event, which must be a channel post (seq 0).
+    ///
+    /// # Errors
+    ///
+    /// Like [`Conn::next_event`], and when the event is of another kind.
+    pub async fn next_channel_post(&mut self) -> Result<Message> {
+        let event = self.next_event().await?;
+        match event.kind {
+            Some(event::Kind::ChannelPost(post)) if event.seq == 0 => Ok(post),
+            other => bail!("event {} is not a channel post: {other:?}", event.seq),
+        }
+    }
+
     /// Reads until the server ends the connection and returns how it ended;
     /// frames before the end are returned too.
     ///
@@ -338,14 +469,18 @@ impl<T: Transport> Conn<T> {
 pub fn message_of(event: Event) -> Result<(u64, Message)> {
     match event.kind {
         Some(event::Kind::Message(message)) => Ok((event.seq, message)),
-        None => bail!("event {} without a message", event.seq),
+        other => bail!("event {} is not a message: {other:?}", event.seq),
     }
 }
 
 fn is_reply(frame: &ServerFrame, r#ref: u64) -> bool {
     let answers = matches!(
         frame.kind,
-        Some(server_frame::Kind::Sent(_) | server_frame::Kind::Error(_))
+        Some(
+            server_frame::Kind::Sent(_)
+                | server_frame::Kind::Done(_)
+                | server_frame::Kind::Error(_)
+        )
     );
     answers && frame.r#ref == r#ref
 }
@@ -353,6 +488,7 @@ fn is_reply(frame: &ServerFrame, r#ref: u64) -> bool {
 fn reply_of(frame: ServerFrame) -> Result<Reply> {
     match frame.kind {
         Some(server_frame::Kind::Sent(ack)) => Ok(Reply::Sent(ack)),
+        Some(server_frame::Kind::Done(_)) => Ok(Reply::Done),
         Some(server_frame::Kind::Error(error)) => Ok(Reply::Error(error)),
         other => bail!("not a reply: {other:?}"),
     }

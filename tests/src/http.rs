@@ -72,3 +72,33 @@ fn dechunk(mut rest: &str) -> Result<String> {
             .context("chunk without crlf")?;
     }
 }
+
+/// Returns the sum of every sample of metric `name` in a Prometheus text
+/// exposition (all label sets), or `None` when there is no such sample.
+pub fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
+    let mut total = None;
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+        total = Some(total.unwrap_or(0.0) + value);
+    }
+    total
+}
+
+/// Reads `/metrics` and returns [`metric_sum`] of `name` (0 when absent).
+///
+/// # Errors
+///
+/// Fails when `/metrics` does not answer 200.
+pub async fn metric(addr: SocketAddr, name: &str) -> Result<f64> {
+    let response = get(addr, "/metrics").await?;
+    if response.status != 200 {
+        bail!("/metrics answered {}", response.status);
+    }
+    Ok(metric_sum(&response.body, name).unwrap_or(0.0))
+}

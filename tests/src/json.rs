@@ -6,8 +6,9 @@
 
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
-    ClientFrame, Error as ErrorFrame, Event, Message, Pong, SendAck, ServerFrame, SyncComplete,
-    Welcome, client_frame, event, server_frame,
+    ClientFrame, Created, Done, Error as ErrorFrame, Event, MemberLeft, MemberRemoved,
+    MembersAdded, Message, MetadataChanged, Notice, Pong, ReadState, Receipt, Role, RoleChanged,
+    SendAck, ServerFrame, SyncComplete, Welcome, client_frame, event, notice, server_frame,
 };
 use serde_json::{Map, Value, json};
 
@@ -37,6 +38,28 @@ pub fn client_frame(frame: &ClientFrame) -> Value {
         Some(client_frame::Kind::Ping(ping)) => {
             object.insert("ping".into(), json!({ "nonce": ping.nonce.to_string() }));
         }
+        Some(client_frame::Kind::Delivered(mark)) => {
+            let body = json!({
+                "conversationId": mark.conversation_id.to_string(),
+                "upTo": mark.up_to.to_string(),
+            });
+            object.insert("delivered".into(), body);
+        }
+        Some(client_frame::Kind::MarkRead(mark)) => {
+            let body = json!({
+                "conversationId": mark.conversation_id.to_string(),
+                "upTo": mark.up_to.to_string(),
+            });
+            object.insert("markRead".into(), body);
+        }
+        Some(client_frame::Kind::OpenChannel(open)) => {
+            let body = json!({ "conversationId": open.conversation_id.to_string() });
+            object.insert("openChannel".into(), body);
+        }
+        Some(client_frame::Kind::CloseChannel(close)) => {
+            let body = json!({ "conversationId": close.conversation_id.to_string() });
+            object.insert("closeChannel".into(), body);
+        }
         None => {}
     }
     Value::Object(object)
@@ -59,7 +82,9 @@ pub fn parse_server_frame(text: &str) -> Result<ServerFrame> {
 /// Fails on anything the proto3 JSON mapping of `ServerFrame` does not allow.
 pub fn server_frame(value: &Value) -> Result<ServerFrame> {
     let object = value.as_object().context("frame is not an object")?;
-    let kinds = ["welcome", "sent", "event", "synced", "error", "pong"];
+    let kinds = [
+        "welcome", "sent", "event", "synced", "error", "pong", "done",
+    ];
     let present: Vec<&str> = kinds
         .into_iter()
         .filter(|kind| object.contains_key(*kind))
@@ -92,6 +117,7 @@ pub fn server_frame(value: &Value) -> Result<ServerFrame> {
             message: string(body, "message")?,
             fatal: boolean(body, "fatal")?,
         }),
+        "done" => server_frame::Kind::Done(Done {}),
         _ => server_frame::Kind::Pong(Pong {
             nonce: uint64(body, "nonce")?,
         }),
@@ -102,11 +128,34 @@ pub fn server_frame(value: &Value) -> Result<ServerFrame> {
     })
 }
 
+/// Reads an event: a message, a receipt, a read state or a channel post.
 fn event_of(body: &Map<String, Value>) -> Result<Event> {
-    let kind = match body.get("message") {
-        Some(Value::Object(message)) => Some(event::Kind::Message(message_of(message)?)),
-        Some(other) => bail!("event.message is not an object: {other}"),
-        None => None,
+    let kinds = ["message", "receipt", "readState", "channelPost"];
+    let present: Vec<&str> = kinds
+        .into_iter()
+        .filter(|kind| body.contains_key(*kind))
+        .collect();
+    let kind = match present.as_slice() {
+        [] => None,
+        [kind] => {
+            let inner = object(body, kind)?;
+            Some(match *kind {
+                "message" => event::Kind::Message(message_of(inner)?),
+                "channelPost" => event::Kind::ChannelPost(message_of(inner)?),
+                "receipt" => event::Kind::Receipt(Receipt {
+                    conversation_id: int64(inner, "conversationId")?,
+                    user_id: int64(inner, "userId")?,
+                    delivered_up_to: int64(inner, "deliveredUpTo")?,
+                    read_up_to: int64(inner, "readUpTo")?,
+                }),
+                _ => event::Kind::ReadState(ReadState {
+                    conversation_id: int64(inner, "conversationId")?,
+                    read_up_to: int64(inner, "readUpTo")?,
+                    unread_count: uint32(inner, "unreadCount")?,
+                }),
+            })
+        }
+        more => bail!("an event has one kind, got {more:?}"),
     };
     Ok(Event {
         seq: uint64(body, "seq")?,
@@ -114,7 +163,13 @@ fn event_of(body: &Map<String, Value>) -> Result<Event> {
     })
 }
 
+/// Reads a message, text or notice.
 fn message_of(body: &Map<String, Value>) -> Result<Message> {
+    let notice = match body.get("notice") {
+        None => None,
+        Some(Value::Object(notice)) => Some(notice_of(notice)?),
+        Some(other) => bail!("notice is not an object: {other}"),
+    };
     Ok(Message {
         id: int64(body, "id")?,
         conversation_id: int64(body, "conversationId")?,
@@ -123,7 +178,86 @@ fn message_of(body: &Map<String, Value>) -> Result<Message> {
         client_msg_id: string(body, "clientMsgId")?,
         sent_at_ms: int64(body, "sentAtMs")?,
         text: string(body, "text")?,
+        notice,
     })
+}
+
+fn notice_of(body: &Map<String, Value>) -> Result<Notice> {
+    let kinds = [
+        "created",
+        "membersAdded",
+        "memberRemoved",
+        "memberLeft",
+        "metadataChanged",
+        "roleChanged",
+    ];
+    let present: Vec<&str> = kinds
+        .into_iter()
+        .filter(|kind| body.contains_key(*kind))
+        .collect();
+    let [kind] = present.as_slice() else {
+        bail!("a notice has exactly one of {kinds:?}, got {present:?}");
+    };
+    let inner = object(body, kind)?;
+    let kind = match *kind {
+        "created" => notice::Kind::Created(Created {}),
+        "membersAdded" => notice::Kind::MembersAdded(MembersAdded {
+            user_ids: int64_list(inner, "userIds")?,
+        }),
+        "memberRemoved" => notice::Kind::MemberRemoved(MemberRemoved {
+            user_id: int64(inner, "userId")?,
+        }),
+        "memberLeft" => notice::Kind::MemberLeft(MemberLeft {}),
+        "metadataChanged" => notice::Kind::MetadataChanged(MetadataChanged {
+            name: string(inner, "name")?,
+            topic: string(inner, "topic")?,
+            avatar_url: string(inner, "avatarUrl")?,
+        }),
+        _ => notice::Kind::RoleChanged(RoleChanged {
+            user_id: int64(inner, "userId")?,
+            role: role(inner, "role")?,
+        }),
+    };
+    Ok(Notice {
+        actor_id: int64(body, "actorId")?,
+        kind: Some(kind),
+    })
+}
+
+fn object<'a>(body: &'a Map<String, Value>, name: &str) -> Result<&'a Map<String, Value>> {
+    body.get(name)
+        .and_then(Value::as_object)
+        .with_context(|| format!("{name} is not an object"))
+}
+
+fn int64_list(body: &Map<String, Value>, name: &str) -> Result<Vec<i64>> {
+    match body.get(name) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => text.parse().with_context(|| format!("{name}: {text:?}")),
+                other => bail!("{name} items must be strings (64-bit integers), got {other}"),
+            })
+            .collect(),
+        Some(other) => bail!("{name} must be an array, got {other}"),
+    }
+}
+
+/// An enum: its name (or, as parsers must accept, its number).
+fn role(body: &Map<String, Value>, name: &str) -> Result<i32> {
+    match body.get(name) {
+        None => Ok(0),
+        Some(Value::String(text)) => Role::from_str_name(text)
+            .map(i32::from)
+            .with_context(|| format!("{name}: unknown role {text:?}")),
+        Some(Value::Number(_)) => int32(body, name),
+        Some(other) => bail!("{name} must be an enum name, got {other}"),
+    }
+}
+
+fn uint32(body: &Map<String, Value>, name: &str) -> Result<u32> {
+    Ok(u32::try_from(int32(body, name)?)?)
 }
 
 /// A 64-bit integer: a decimal string, 0 when absent.

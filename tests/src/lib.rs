@@ -3,9 +3,13 @@
 //!
 //! - [`server`]: [`Server`] spawns `confab serve` on port 0 with its own data dir,
 //!   reads the bound address from its stdout, and can `kill9` and `restart` it.
-//! - [`accounts`]: registering users and authenticated gRPC clients.
+//! - [`accounts`]: registering users, external-token users (cheap, for big
+//!   groups), groups, and authenticated gRPC clients.
 //! - [`conn`]: [`Conn`], one device's live connection over any transport:
-//!   `hello`, `sync`, `send`, `next_event`, each bounded by a timeout.
+//!   `hello`, `sync`, `send`, `delivered`, `mark_read`, `open_channel`,
+//!   `next_event` (and `next_receipt`, `next_read_state`, `next_channel_post`),
+//!   `expect_quiet` (a ping round trip with nothing before the pong), each
+//!   bounded by a timeout.
 //! - [`grpc`]: the gRPC `Edge.Stream` transport.
 //! - [`ws`]: the WebSocket transport, binary protobuf or proto3 JSON text.
 //! - [`json`]: the proto3 JSON mapping of the frames, written by hand so that it

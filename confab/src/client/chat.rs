@@ -1,14 +1,19 @@
-//! `chat <peer>`: prints the catch-up and live messages of one conversation,
-//! sends every stdin line, ends at end of input once every send is answered.
+//! `chat <peer>` / `chat --conversation <id>`: prints the catch-up and live
+//! messages of one conversation, sends every stdin line, ends at end of input
+//! once every send is answered.
+//!
+//! Messages it prints are acknowledged as delivered and, the chat being in the
+//! foreground, as read; receipts for your own messages print as `✓✓` lines.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use confab_proto::v1::edge_client::EdgeClient;
 use confab_proto::v1::{
-    ClientFrame, Event, Hello, SendAck, SendMessage, ServerFrame, client_frame, event, server_frame,
+    ClientFrame, ConversationKind, Delivered, Event, Hello, MarkRead, Message, OpenChannel,
+    Receipt, SendAck, SendMessage, ServerFrame, client_frame, event, server_frame,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,28 +28,50 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards the server.
 const OUTBOUND_QUEUE: usize = 64;
 
-/// Runs the chat with `peer` until stdin ends.
-pub(super) async fn run(session: &mut Session, peer: &str) -> anyhow::Result<ExitCode> {
-    let conversation = session.open_direct(peer).await?;
+/// Whom `chat` talks to.
+#[derive(Debug, Clone)]
+pub(super) enum Target {
+    /// The direct conversation with this user.
+    Peer(String),
+    /// A conversation by id (a group or a channel).
+    Conversation(i64),
+}
+
+/// Runs the chat until stdin ends.
+pub(super) async fn run(session: &mut Session, target: Target) -> anyhow::Result<ExitCode> {
+    let (conversation, title) = match &target {
+        Target::Peer(peer) => (session.open_direct(peer).await?, peer.clone()),
+        Target::Conversation(id) => {
+            let conversation = super::groups::get(session, *id).await?;
+            let title = format!("{} #{id}", show::one_line(&conversation.name));
+            (conversation, title)
+        }
+    };
     let me = session.login().user_id;
-    let peer_id = conversation
-        .member_ids
-        .iter()
-        .copied()
-        .find(|id| *id != me)
-        .unwrap_or(me);
+    if let Target::Peer(peer) = &target {
+        let peer_id = conversation.member_ids.iter().copied().find(|id| *id != me);
+        if let Some(peer_id) = peer_id {
+            session.remember(peer_id, peer)?;
+        }
+    }
+    session.learn_names().await?;
     let (outbound, inbound) = open_stream(session).await?;
     let mut chat = Chat {
         conversation_id: conversation.id,
+        channel: conversation.kind() == ConversationKind::Channel,
         me,
-        my_name: session.login().username.clone(),
-        peer_id,
-        peer_name: peer.to_owned(),
+        title,
         cursor: session.login().cursor,
+        synced: false,
         next_ref: 1,
         unanswered: HashMap::new(),
+        marks: HashSet::new(),
         unechoed: HashSet::new(),
         echoed: HashSet::new(),
+        to_mark: None,
+        mine: BTreeSet::new(),
+        watermarks: HashMap::new(),
+        asked_names: HashSet::new(),
     };
     chat.run(session, outbound, inbound).await?;
     Ok(ExitCode::SUCCESS)
@@ -101,16 +128,29 @@ async fn open_stream(
 #[derive(Debug)]
 struct Chat {
     conversation_id: i64,
+    /// A channel: live posts come only while it is open.
+    channel: bool,
     me: i64,
-    my_name: String,
-    peer_id: i64,
-    peer_name: String,
+    /// The peer's name or the group's, for the banner.
+    title: String,
     /// The last event processed; saved after every event.
     cursor: u64,
-    /// The `ref` of the next send.
+    /// Whether the catch-up is over.
+    synced: bool,
+    /// The `ref` of the next frame.
     next_ref: u64,
     /// Sends not answered yet, by `ref`: their text, for error lines.
     unanswered: HashMap<u64, String>,
+    /// `Delivered`/`MarkRead`/`OpenChannel` frames not answered yet, by `ref`.
+    marks: HashSet<u64>,
+    /// The newest message of others printed and not yet acknowledged.
+    to_mark: Option<i64>,
+    /// Own messages of this conversation, for receipt lines.
+    mine: BTreeSet<i64>,
+    /// Each other member's (delivered, read) watermarks seen so far.
+    watermarks: HashMap<i64, (i64, i64)>,
+    /// Users whose names were looked up already (once each).
+    asked_names: HashSet<i64>,
     /// Own messages acknowledged but not yet seen as events.
     unechoed: HashSet<i64>,
     /// Own messages seen as events (an event may come before its ack).
@@ -136,7 +176,8 @@ impl Chat {
                 received = inbound.message() => {
                     let frame = received.map_err(|status| show::status_error("connection lost", &status))?;
                     let Some(frame) = frame else { bail!("the server closed the connection") };
-                    self.on_frame(session, frame)?;
+                    self.on_frame(session, &outbound, frame).await?;
+                    self.flush_marks(&outbound).await?;
                 }
                 line = lines.recv(), if input_open => match line {
                     Some(line) => self.send_line(&outbound, line).await?,
@@ -154,7 +195,51 @@ impl Chat {
 
     /// True when every send was answered and every own message came back.
     fn settled(&self) -> bool {
-        self.unanswered.is_empty() && self.unechoed.is_empty()
+        self.unanswered.is_empty() && self.unechoed.is_empty() && self.marks.is_empty()
+    }
+
+    /// Sends one frame that wants an answer and returns its `ref`.
+    async fn send_frame(
+        &mut self,
+        outbound: &mpsc::Sender<ClientFrame>,
+        kind: client_frame::Kind,
+    ) -> anyhow::Result<u64> {
+        let r#ref = self.next_ref;
+        self.next_ref += 1;
+        let frame = ClientFrame {
+            r#ref,
+            kind: Some(kind),
+        };
+        outbound
+            .send(frame)
+            .await
+            .context("the connection has ended")?;
+        Ok(r#ref)
+    }
+
+    /// Once caught up, acknowledges what was printed: delivered, and read
+    /// (the chat is in the foreground).
+    async fn flush_marks(&mut self, outbound: &mpsc::Sender<ClientFrame>) -> anyhow::Result<()> {
+        if !self.synced {
+            return Ok(());
+        }
+        let Some(up_to) = self.to_mark.take() else {
+            return Ok(());
+        };
+        let conversation_id = self.conversation_id;
+        let delivered = client_frame::Kind::Delivered(Delivered {
+            conversation_id,
+            up_to,
+        });
+        let r#ref = self.send_frame(outbound, delivered).await?;
+        self.marks.insert(r#ref);
+        let read = client_frame::Kind::MarkRead(MarkRead {
+            conversation_id,
+            up_to,
+        });
+        let r#ref = self.send_frame(outbound, read).await?;
+        self.marks.insert(r#ref);
+        Ok(())
     }
 
     async fn send_line(
@@ -166,34 +251,46 @@ impl Chat {
         if text.trim().is_empty() {
             return Ok(());
         }
-        let r#ref = self.next_ref;
-        self.next_ref += 1;
         let send = SendMessage {
             conversation_id: self.conversation_id,
             client_msg_id: format!("{:032x}", rand::random::<u128>()),
             text: text.to_owned(),
         };
-        let frame = ClientFrame {
-            r#ref,
-            kind: Some(client_frame::Kind::Send(send)),
-        };
-        outbound
-            .send(frame)
-            .await
-            .context("the connection has ended")?;
+        let r#ref = self
+            .send_frame(outbound, client_frame::Kind::Send(send))
+            .await?;
         self.unanswered.insert(r#ref, text.to_owned());
         Ok(())
     }
 
-    fn on_frame(&mut self, session: &mut Session, frame: ServerFrame) -> anyhow::Result<()> {
+    async fn on_frame(
+        &mut self,
+        session: &mut Session,
+        outbound: &mpsc::Sender<ClientFrame>,
+        frame: ServerFrame,
+    ) -> anyhow::Result<()> {
         match frame.kind {
-            Some(server_frame::Kind::Event(event)) => self.on_event(session, event)?,
+            Some(server_frame::Kind::Event(event)) => self.on_event(session, event).await?,
             Some(server_frame::Kind::Sent(ack)) => self.on_ack(frame.r#ref, &ack),
             Some(server_frame::Kind::Synced(_)) => {
+                self.synced = true;
+                if self.channel {
+                    let open = client_frame::Kind::OpenChannel(OpenChannel {
+                        conversation_id: self.conversation_id,
+                    });
+                    let r#ref = self.send_frame(outbound, open).await?;
+                    self.marks.insert(r#ref);
+                }
                 eprintln!(
                     "-- chatting with {}: type a line to send it, end input to quit --",
-                    self.peer_name
+                    self.title
                 );
+            }
+            Some(server_frame::Kind::Done(_)) => {
+                self.marks.remove(&frame.r#ref);
+            }
+            Some(server_frame::Kind::Error(error)) if self.marks.remove(&frame.r#ref) => {
+                eprintln!("receipt not sent: {}", show::one_line(&error.message));
             }
             Some(server_frame::Kind::Error(error)) => {
                 let text = self.unanswered.remove(&frame.r#ref);
@@ -216,26 +313,90 @@ impl Chat {
         Ok(())
     }
 
-    /// Prints a message of this conversation and advances the saved cursor;
-    /// events already processed (seq not above the cursor) are skipped.
-    fn on_event(&mut self, session: &mut Session, event: Event) -> anyhow::Result<()> {
-        if event.seq <= self.cursor {
+    /// Prints a message of this conversation, or the receipts it brings, and
+    /// advances the saved cursor; events already processed (seq not above the
+    /// cursor) are skipped. Channel posts (seq 0) are printed only.
+    async fn on_event(&mut self, session: &mut Session, event: Event) -> anyhow::Result<()> {
+        if event.seq != 0 && event.seq <= self.cursor {
             return Ok(());
         }
-        if let Some(event::Kind::Message(message)) = &event.kind
-            && message.conversation_id == self.conversation_id
-        {
-            println!(
-                "{}",
-                show::message_line(message, self.name_of(message.sender_id))
-            );
-            if message.sender_id == self.me {
-                self.unechoed.remove(&message.id);
-                self.echoed.insert(message.id);
+        match &event.kind {
+            Some(event::Kind::Message(message) | event::Kind::ChannelPost(message))
+                if message.conversation_id == self.conversation_id =>
+            {
+                self.print(session, message).await?;
             }
+            Some(event::Kind::Receipt(receipt))
+                if receipt.conversation_id == self.conversation_id =>
+            {
+                self.on_receipt(session, receipt);
+            }
+            _ => {}
+        }
+        if event.seq == 0 {
+            return Ok(());
         }
         self.cursor = event.seq;
         session.save_cursor(event.seq)
+    }
+
+    async fn print(&mut self, session: &mut Session, message: &Message) -> anyhow::Result<()> {
+        let mut people = vec![message.sender_id];
+        if let Some(notice) = &message.notice {
+            people.push(notice.actor_id);
+        }
+        let unknown = people
+            .into_iter()
+            .any(|id| !session.knows(id) && self.asked_names.insert(id));
+        if unknown {
+            // The conversation list names the sender of each last message.
+            session.learn_names().await?;
+        }
+        println!(
+            "{}",
+            show::any_message_line(message, &|id| session.name_of(id))
+        );
+        if message.sender_id == self.me {
+            self.unechoed.remove(&message.id);
+            self.echoed.insert(message.id);
+            if message.notice.is_none() {
+                self.mine.insert(message.id);
+            }
+        } else {
+            self.to_mark = Some(self.to_mark.map_or(message.id, |id| id.max(message.id)));
+        }
+        Ok(())
+    }
+
+    /// Prints `  ✓✓ #id delivered to bob` / `  ✓✓ #id read by bob` for each own
+    /// message a member's watermarks moved past.
+    fn on_receipt(&mut self, session: &Session, receipt: &Receipt) {
+        let (delivered, read) = self
+            .watermarks
+            .get(&receipt.user_id)
+            .copied()
+            .unwrap_or_default();
+        let name = show::one_line(&session.name_of(receipt.user_id));
+        // A range whose start is past its end would panic.
+        if receipt.delivered_up_to > delivered {
+            for id in self.mine.range(delivered + 1..=receipt.delivered_up_to) {
+                if *id > read.max(receipt.read_up_to) {
+                    println!("  ✓✓ #{id} delivered to {name}");
+                }
+            }
+        }
+        if receipt.read_up_to > read {
+            for id in self.mine.range(read + 1..=receipt.read_up_to) {
+                println!("  ✓✓ #{id} read by {name}");
+            }
+        }
+        self.watermarks.insert(
+            receipt.user_id,
+            (
+                delivered.max(receipt.delivered_up_to),
+                read.max(receipt.read_up_to),
+            ),
+        );
     }
 
     fn on_ack(&mut self, r#ref: u64, ack: &SendAck) {
@@ -245,15 +406,8 @@ impl Chat {
         if !ack.duplicate && !self.echoed.contains(&ack.message_id) {
             self.unechoed.insert(ack.message_id);
         }
+        self.mine.insert(ack.message_id);
         println!("✓ sent #{}", ack.message_id);
-    }
-
-    fn name_of(&self, user_id: i64) -> &str {
-        match user_id {
-            id if id == self.me => &self.my_name,
-            id if id == self.peer_id => &self.peer_name,
-            _ => "someone else",
-        }
     }
 }
 

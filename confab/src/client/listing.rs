@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use confab_proto::v1::{ConversationSummary, HistoryRequest, ListConversationsRequest, Message};
+use confab_proto::v1::{
+    ConversationKind, ConversationSummary, HistoryRequest, ListConversationsRequest, Message,
+};
 
 use super::session::Session;
 use super::show;
@@ -10,50 +12,86 @@ use super::show;
 /// The server's largest history page.
 const MAX_PAGE: u32 = 200;
 
-/// Prints every conversation: who, its id, and the last message.
+/// Prints every conversation, most recent first: who or which group, its id,
+/// the unread count and the last message.
 pub(super) async fn conversations(session: &mut Session) -> anyhow::Result<ExitCode> {
-    let response = session
-        .call("cannot list conversations", async |mut client| {
-            client.list(ListConversationsRequest {}).await
-        })
-        .await?;
-    if response.conversations.is_empty() {
+    let mut summaries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListConversationsRequest {
+            limit: MAX_PAGE,
+            page_token: page_token.clone(),
+        };
+        let response = session
+            .call("cannot list conversations", async |mut client| {
+                client.list(request.clone()).await
+            })
+            .await?;
+        summaries.extend(response.conversations);
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        page_token = response.next_page_token;
+    }
+    if summaries.is_empty() {
         println!("no conversations yet: `confab client chat <name>` starts one");
     }
     let me = session.login();
-    for summary in &response.conversations {
+    for summary in &summaries {
         println!("{}", summary_line(summary, me.user_id, &me.username));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `alice, bob (#123)  [HH:MM:SS] alice: last text`.
+/// `alice, bob (#123) 2 unread  [HH:MM:SS] alice: last text`; a group shows
+/// its name: `group friends (#124)  ...`.
 fn summary_line(summary: &ConversationSummary, my_id: i64, my_name: &str) -> String {
-    let mut peers: Vec<&str> = summary
-        .member_names
-        .iter()
-        .filter(|(id, _)| **id != my_id)
-        .map(|(_, name)| name.as_str())
-        .collect();
-    peers.sort_unstable();
-    let id = summary
-        .conversation
-        .as_ref()
-        .map_or(0, |conversation| conversation.id);
-    let who = show::one_line(&peers.join(", "));
+    let (id, kind, name) = summary.conversation.as_ref().map_or(
+        (0, ConversationKind::Unspecified, ""),
+        |conversation| {
+            (
+                conversation.id,
+                conversation.kind(),
+                conversation.name.as_str(),
+            )
+        },
+    );
+    let who = match kind {
+        ConversationKind::Group => format!("group {}", show::one_line(name)),
+        ConversationKind::Channel => format!("channel {}", show::one_line(name)),
+        ConversationKind::Direct | ConversationKind::Unspecified => {
+            let mut peers: Vec<&str> = summary
+                .member_names
+                .iter()
+                .filter(|(id, _)| **id != my_id)
+                .map(|(_, name)| name.as_str())
+                .collect();
+            peers.sort_unstable();
+            show::one_line(&peers.join(", "))
+        }
+    };
+    let unread = match summary.unread_count {
+        0 => String::new(),
+        n => format!(" {n} unread"),
+    };
     let Some(last) = &summary.last_message else {
-        return format!("{who} (#{id})  no messages yet");
+        return format!("{who} (#{id}){unread}  no messages yet");
     };
-    let sender = if last.sender_id == my_id {
-        my_name.to_owned()
-    } else {
-        summary
-            .member_names
-            .get(&last.sender_id)
-            .cloned()
-            .unwrap_or_else(|| format!("user {}", last.sender_id))
+    let name_of = |user_id: i64| {
+        if user_id == my_id {
+            my_name.to_owned()
+        } else {
+            summary
+                .member_names
+                .get(&user_id)
+                .cloned()
+                .unwrap_or_else(|| format!("user {user_id}"))
+        }
     };
-    format!("{who} (#{id})  {}", show::message_line(last, &sender))
+    format!(
+        "{who} (#{id}){unread}  {}",
+        show::any_message_line(last, &name_of)
+    )
 }
 
 /// Prints one page of the conversation with `peer`, oldest to newest, each

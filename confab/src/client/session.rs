@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use confab_proto::v1::accounts_client::AccountsClient;
 use confab_proto::v1::conversations_client::ConversationsClient;
-use confab_proto::v1::{Conversation, OpenDirectRequest, RefreshRequest};
+use confab_proto::v1::{Conversation, ListConversationsRequest, OpenDirectRequest, RefreshRequest};
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -171,6 +171,81 @@ impl Session {
             client.open_direct(request).await
         })
         .await
+    }
+}
+
+impl Session {
+    /// The display name of a user: the stored one, or `user <id>`.
+    pub(super) fn name_of(&self, user_id: i64) -> String {
+        if user_id == self.login().user_id {
+            return self.login().username.clone();
+        }
+        self.state
+            .names
+            .get(&user_id)
+            .cloned()
+            .unwrap_or_else(|| format!("user {user_id}"))
+    }
+
+    /// Stores the name of `user_id`.
+    pub(super) fn remember(&mut self, user_id: i64, username: &str) -> anyhow::Result<()> {
+        if self.state.names.get(&user_id).map(String::as_str) == Some(username) {
+            return Ok(());
+        }
+        self.state.names.insert(user_id, username.to_owned());
+        self.state_file.save(&self.state)
+    }
+
+    /// Whether the name of `user_id` is known.
+    pub(super) fn knows(&self, user_id: i64) -> bool {
+        user_id == self.login().user_id || self.state.names.contains_key(&user_id)
+    }
+
+    /// Learns the names the conversation list carries (direct peers and the
+    /// senders of last messages) and stores them.
+    pub(super) async fn learn_names(&mut self) -> anyhow::Result<()> {
+        let request = ListConversationsRequest {
+            limit: 200,
+            page_token: String::new(),
+        };
+        let listed = self
+            .call("cannot list conversations", async |mut client| {
+                client.list(request.clone()).await
+            })
+            .await?;
+        let before = self.state.names.len();
+        for summary in listed.conversations {
+            self.state.names.extend(summary.member_names);
+        }
+        if self.state.names.len() != before {
+            self.state_file.save(&self.state)?;
+        }
+        Ok(())
+    }
+
+    /// Returns the id of the user called `username`.
+    ///
+    /// The edge API has no user lookup: the direct conversation with the user
+    /// (opened, or created on first use) names its members.
+    pub(super) async fn user_id(&mut self, username: &str) -> anyhow::Result<i64> {
+        if username == self.login().username {
+            return Ok(self.login().user_id);
+        }
+        let known = self.state.names.iter().find(|(_, name)| *name == username);
+        if let Some((id, _)) = known {
+            return Ok(*id);
+        }
+        let me = self.login().user_id;
+        let conversation = self.open_direct(username).await?;
+        let id = conversation
+            .member_ids
+            .iter()
+            .copied()
+            .find(|id| *id != me)
+            .with_context(|| format!("no user called {username:?}"))?;
+        self.state.names.insert(id, username.to_owned());
+        self.state_file.save(&self.state)?;
+        Ok(id)
     }
 }
 

@@ -1,6 +1,6 @@
 //! How the client prints messages, times and errors.
 
-use confab_proto::v1::Message;
+use confab_proto::v1::{Message, Role, notice};
 use tonic::{Code, Status};
 
 /// Returns `[HH:MM:SS]` of a server timestamp, in UTC.
@@ -22,6 +22,40 @@ pub(super) fn message_line(message: &Message, sender_name: &str) -> String {
         one_line(sender_name),
         one_line(&message.text)
     )
+}
+
+/// Returns `[HH:MM:SS] * alice added bob` for a notice, else [`message_line`];
+/// `name_of` names users.
+pub(super) fn any_message_line(message: &Message, name_of: &dyn Fn(i64) -> String) -> String {
+    let Some(notice) = &message.notice else {
+        return message_line(message, &name_of(message.sender_id));
+    };
+    let actor = name_of(notice.actor_id);
+    let what = match &notice.kind {
+        Some(notice::Kind::Created(_)) => format!("{actor} created the conversation"),
+        Some(notice::Kind::MembersAdded(added)) => {
+            let names: Vec<String> = added.user_ids.iter().map(|id| name_of(*id)).collect();
+            format!("{actor} added {}", names.join(", "))
+        }
+        Some(notice::Kind::MemberRemoved(removed)) => {
+            format!("{actor} removed {}", name_of(removed.user_id))
+        }
+        Some(notice::Kind::MemberLeft(_)) => format!("{actor} left"),
+        Some(notice::Kind::MetadataChanged(changed)) => format!(
+            "{actor} changed the name to {:?}, the topic to {:?}",
+            changed.name, changed.topic
+        ),
+        Some(notice::Kind::RoleChanged(changed)) => {
+            let role = match changed.role() {
+                Role::Owner => "the owner",
+                Role::Admin => "an admin",
+                Role::Member | Role::Unspecified => "a member",
+            };
+            format!("{actor} made {} {role}", name_of(changed.user_id))
+        }
+        None => format!("{actor} changed something"),
+    };
+    format!("{} * {}", clock(message.sent_at_ms), one_line(&what))
 }
 
 /// Replaces control characters (newlines, terminal escapes) with spaces, so

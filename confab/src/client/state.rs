@@ -1,5 +1,6 @@
 //! The client's state file: `<state dir>/state.json`.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,10 @@ pub(super) struct State {
     /// Absent until `register` or `login`.
     #[serde(default)]
     pub(super) login: Option<Login>,
+    /// Usernames learnt so far, by user id, for display (the server names
+    /// users only in some answers).
+    #[serde(default)]
+    pub(super) names: BTreeMap<i64, String>,
 }
 
 /// A logged-in user: tokens and the sync position.
@@ -80,6 +85,7 @@ fn fresh_state() -> State {
     State {
         device_id: format!("cli-{:016x}", rand::random::<u64>()),
         login: None,
+        names: BTreeMap::new(),
     }
 }
 

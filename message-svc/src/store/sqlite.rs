@@ -5,12 +5,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use confab_proto::v1::{Notice, ReadState};
+use prost::Message as _;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{ConnectOptions as _, Connection as _, QueryBuilder, Row as _, Sqlite, SqlitePool};
 
 use super::{
-    BoxFuture, HistoryQuery, LogWriter, MessageStore, Page, StoreError, StoredMessage, SyncPage,
-    UserEvent,
+    BoxFuture, EventPayload, EventRow, HistoryQuery, LogWriter, MessageStore, Page, StoreError,
+    StoredMessage, SyncPage, UNREAD_CAP, UserEvent, UserEventKind, WatermarkMap, Watermarks,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -37,8 +39,51 @@ pub(crate) async fn open(path: &Path) -> Result<(SqliteStore, SqliteLogWriter), 
         .connect()
         .await?;
     sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+    migrate(&mut conn).await?;
     let pool = confab_common::db::open_sqlite(path, READ_CONNECTIONS).await?;
     Ok((SqliteStore { pool }, SqliteLogWriter { conn }))
+}
+
+/// Columns added after the first release: `(table, column, type)`. Files created
+/// since have them from `schema.sql`.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("messages", "notice", "BLOB"),
+    ("user_events", "payload", "BLOB"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a file lacks. Idempotent: each column is looked up
+/// first, since SQLite has no `ADD COLUMN IF NOT EXISTS`.
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    for &(table, column, sql_type) in ADDED_COLUMNS {
+        let present: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2")
+                .bind(table)
+                .bind(column)
+                .fetch_one(&mut *conn)
+                .await?;
+        if present == 0 {
+            tracing::info!(table, column, "adding column to the message store");
+            // Audited: every part comes from ADDED_COLUMNS.
+            let alter = format!("ALTER TABLE {table} ADD COLUMN {column} {sql_type}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Returns a literal `SELECT` of the columns [`message_from_row`] reads from
+/// `messages`, followed by `$rest` (a literal, so that the statement stays one
+/// audited string).
+macro_rules! select_messages {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, conversation_id, sender_id, sender_device, client_msg_id, \
+             sent_at_ms, text, notice FROM messages ",
+            $rest
+        )
+    };
 }
 
 /// The read side, on a connection pool.
@@ -54,7 +99,8 @@ pub(crate) struct SqliteLogWriter {
     conn: SqliteConnection,
 }
 
-fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
+fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, StoreError> {
+    let notice: Option<Vec<u8>> = row.try_get("notice")?;
     Ok(StoredMessage {
         id: row.try_get("id")?,
         conversation_id: row.try_get("conversation_id")?,
@@ -63,7 +109,26 @@ fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
         client_msg_id: row.try_get("client_msg_id")?,
         sent_at_ms: row.try_get("sent_at_ms")?,
         text: row.try_get("text")?,
+        notice: notice
+            .map(|bytes| Notice::decode(bytes.as_slice()))
+            .transpose()?,
     })
+}
+
+/// Reads one row of `user_events` joined (left) to its message.
+fn event_from_row(row: &SqliteRow) -> Result<UserEvent, StoreError> {
+    let seq = seq_from_sql(row.try_get("seq")?);
+    let kind: i64 = row.try_get("kind")?;
+    let payload: Option<Vec<u8>> = row.try_get("payload")?;
+    let payload = payload.unwrap_or_default();
+    let kind = match kind {
+        EVENT_KIND_RECEIPT => UserEventKind::Receipt(prost::Message::decode(payload.as_slice())?),
+        EVENT_KIND_READ_STATE => {
+            UserEventKind::ReadState(prost::Message::decode(payload.as_slice())?)
+        }
+        _ => UserEventKind::Message(message_from_row(row)?),
+    };
+    Ok(UserEvent { seq, kind })
 }
 
 /// Converts a sequence number for a BIGINT column; sequences never come near
@@ -76,8 +141,10 @@ fn seq_from_sql(seq: i64) -> u64 {
     u64::try_from(seq).unwrap_or(0)
 }
 
-/// `user_events.kind` of a new-message event (schema.sql).
-const EVENT_KIND_MESSAGE: &str = "1";
+/// `user_events.kind` of each event kind (schema.sql).
+const EVENT_KIND_MESSAGE: i64 = 1;
+const EVENT_KIND_RECEIPT: i64 = 2;
+const EVENT_KIND_READ_STATE: i64 = 3;
 
 /// Most bound parameters one SQLite statement may carry
 /// (`SQLITE_MAX_VARIABLE_NUMBER`, 32766 since SQLite 3.32).
@@ -127,26 +194,25 @@ impl MessageStore for SqliteStore {
             let fetch = i64::from(query.limit) + 1;
             let upwards = query.after.is_some() && query.before.is_none();
             let rows = if upwards {
-                sqlx::query(
-                    "SELECT id, conversation_id, sender_id, sender_device, client_msg_id, \
-                     sent_at_ms, text FROM messages \
-                     WHERE conversation_id = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
-                )
+                sqlx::query(select_messages!(
+                    "WHERE conversation_id = ?1 AND id > ?2 AND id <= ?3 \
+                     ORDER BY id ASC LIMIT ?4"
+                ))
                 .bind(query.conversation_id)
                 .bind(query.after.unwrap_or(i64::MIN))
+                .bind(query.up_to.unwrap_or(i64::MAX))
                 .bind(fetch)
                 .fetch_all(&self.pool)
                 .await?
             } else {
-                sqlx::query(
-                    "SELECT id, conversation_id, sender_id, sender_device, client_msg_id, \
-                     sent_at_ms, text FROM messages \
-                     WHERE conversation_id = ?1 AND id < ?2 AND id > ?3 \
-                     ORDER BY id DESC LIMIT ?4",
-                )
+                sqlx::query(select_messages!(
+                    "WHERE conversation_id = ?1 AND id < ?2 AND id > ?3 AND id <= ?4 \
+                     ORDER BY id DESC LIMIT ?5"
+                ))
                 .bind(query.conversation_id)
                 .bind(query.before.unwrap_or(i64::MAX))
                 .bind(query.after.unwrap_or(i64::MIN))
+                .bind(query.up_to.unwrap_or(i64::MAX))
                 .bind(fetch)
                 .fetch_all(&self.pool)
                 .await?
@@ -156,7 +222,7 @@ impl MessageStore for SqliteStore {
                 .iter()
                 .take(query.limit as usize)
                 .map(message_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, StoreError>>()?;
             if upwards {
                 items.reverse();
             }
@@ -181,11 +247,15 @@ impl MessageStore for SqliteStore {
                     .fetch_one(&mut *conn)
                     .await?;
             let head = head.unwrap_or(0);
+            // A left join: receipts and read states carry their payload and
+            // reference no message.
             let rows = sqlx::query(
-                "SELECT e.seq AS seq, m.id AS id, m.conversation_id AS conversation_id, \
-                 m.sender_id AS sender_id, m.sender_device AS sender_device, \
-                 m.client_msg_id AS client_msg_id, m.sent_at_ms AS sent_at_ms, m.text AS text \
-                 FROM user_events e JOIN messages m ON m.id = e.message_id \
+                "SELECT e.seq AS seq, e.kind AS kind, e.payload AS payload, m.id AS id, \
+                 m.conversation_id AS conversation_id, m.sender_id AS sender_id, \
+                 m.sender_device AS sender_device, m.client_msg_id AS client_msg_id, \
+                 m.sent_at_ms AS sent_at_ms, m.text AS text, m.notice AS notice \
+                 FROM user_events e LEFT JOIN messages m \
+                 ON m.id = e.message_id AND e.kind = 1 \
                  WHERE e.user_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 \
                  ORDER BY e.seq ASC LIMIT ?4",
             )
@@ -199,13 +269,8 @@ impl MessageStore for SqliteStore {
             let items = rows
                 .iter()
                 .take(limit as usize)
-                .map(|row| {
-                    Ok(UserEvent {
-                        seq: seq_from_sql(row.try_get("seq")?),
-                        message: message_from_row(row)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                .map(event_from_row)
+                .collect::<Result<Vec<_>, StoreError>>()?;
             Ok(SyncPage {
                 events: Page { items, has_more },
                 head: seq_from_sql(head),
@@ -223,11 +288,9 @@ impl MessageStore for SqliteStore {
             let mut conn = self.pool.acquire().await?;
             let mut messages = Vec::with_capacity(conversation_ids.len());
             for &conversation_id in conversation_ids {
-                let row = sqlx::query(
-                    "SELECT id, conversation_id, sender_id, sender_device, client_msg_id, \
-                     sent_at_ms, text FROM messages \
-                     WHERE conversation_id = ?1 ORDER BY id DESC LIMIT 1",
-                )
+                let row = sqlx::query(select_messages!(
+                    "WHERE conversation_id = ?1 ORDER BY id DESC LIMIT 1"
+                ))
                 .bind(conversation_id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -238,6 +301,143 @@ impl MessageStore for SqliteStore {
             Ok(messages)
         })
     }
+    fn leave_point(
+        &self,
+        conversation_id: i64,
+        user_id: i64,
+    ) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
+        Box::pin(async move {
+            let last = sqlx::query_scalar(
+                "SELECT last_visible_id FROM former_members \
+                 WHERE conversation_id = ?1 AND user_id = ?2",
+            )
+            .bind(conversation_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(last)
+        })
+    }
+
+    fn message(
+        &self,
+        conversation_id: i64,
+        message_id: i64,
+    ) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(select_messages!("WHERE id = ?1 AND conversation_id = ?2"))
+                .bind(message_id)
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(message_from_row).transpose()
+        })
+    }
+
+    fn watermarks(
+        &self,
+        conversation_id: i64,
+        except: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(i64, Watermarks)>, StoreError>> {
+        Box::pin(async move {
+            let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT user_id, delivered_up_to, read_up_to FROM receipts \
+                 WHERE conversation_id = ?1 AND user_id <> ?2 ORDER BY user_id LIMIT ?3",
+            )
+            .bind(conversation_id)
+            .bind(except)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(user_id, delivered_up_to, read_up_to)| {
+                    let marks = Watermarks {
+                        delivered_up_to,
+                        read_up_to,
+                    };
+                    (user_id, marks)
+                })
+                .collect())
+        })
+    }
+
+    fn receipt_counts(
+        &self,
+        conversation_id: i64,
+        message_id: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<(u32, u32), StoreError>> {
+        Box::pin(async move {
+            let (delivered, read): (Option<i64>, Option<i64>) = sqlx::query_as(
+                "SELECT SUM(delivered_up_to >= ?2), SUM(read_up_to >= ?2) FROM receipts \
+                 WHERE conversation_id = ?1 AND user_id <> ?3",
+            )
+            .bind(conversation_id)
+            .bind(message_id)
+            .bind(except)
+            .fetch_one(&self.pool)
+            .await?;
+            let count = |n: Option<i64>| u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX);
+            Ok((count(delivered), count(read)))
+        })
+    }
+
+    fn unread_counts<'a>(
+        &'a self,
+        user_id: i64,
+        conversation_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<Vec<ReadState>, StoreError>> {
+        Box::pin(async move {
+            // Two index seeks and one capped range count per conversation, on one
+            // connection.
+            let mut conn = self.pool.acquire().await?;
+            let mut states = Vec::with_capacity(conversation_ids.len());
+            for &conversation_id in conversation_ids {
+                let read_up_to: Option<i64> = sqlx::query_scalar(
+                    "SELECT read_up_to FROM receipts WHERE conversation_id = ?1 AND user_id = ?2",
+                )
+                .bind(conversation_id)
+                .bind(user_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let read_up_to = read_up_to.unwrap_or(0);
+                let unread =
+                    count_unread(&mut conn, conversation_id, read_up_to, user_id, UNREAD_CAP)
+                        .await?;
+                states.push(ReadState {
+                    conversation_id,
+                    read_up_to,
+                    unread_count: unread,
+                });
+            }
+            Ok(states)
+        })
+    }
+}
+
+/// Counts the messages of a conversation after `after`, sent by others and not
+/// notices, reading at most `cap` index entries.
+async fn count_unread(
+    conn: &mut SqliteConnection,
+    conversation_id: i64,
+    after: i64,
+    user_id: i64,
+    cap: u32,
+) -> Result<u32, StoreError> {
+    let count: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
+         WHERE conversation_id = ?1 AND id > ?2 AND sender_id <> ?3 AND notice IS NULL \
+         LIMIT ?4)",
+    )
+    .bind(conversation_id)
+    .bind(after)
+    .bind(user_id)
+    .bind(i64::from(cap))
+    .fetch_one(conn)
+    .await?;
+    Ok(u32::try_from(count).unwrap_or(cap))
 }
 
 impl LogWriter for SqliteLogWriter {
@@ -266,7 +466,7 @@ impl LogWriter for SqliteLogWriter {
                     "SELECT m.id AS id, m.conversation_id AS conversation_id, \
                      m.sender_id AS sender_id, m.sender_device AS sender_device, \
                      m.client_msg_id AS client_msg_id, m.sent_at_ms AS sent_at_ms, \
-                     m.text AS text FROM (",
+                     m.text AS text, m.notice AS notice FROM (",
                 );
                 query.push_values(chunk, |mut row, &(sender_id, client_msg_id)| {
                     row.push_bind(sender_id).push_bind(client_msg_id);
@@ -321,10 +521,10 @@ impl LogWriter for SqliteLogWriter {
         messages: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            for chunk in chunks(messages, 7) {
+            for chunk in chunks(messages, 8) {
                 let mut query = QueryBuilder::<Sqlite>::new(
                     "INSERT INTO messages (id, conversation_id, sender_id, sender_device, \
-                     client_msg_id, sent_at_ms, text) ",
+                     client_msg_id, sent_at_ms, text, notice) ",
                 );
                 query.push_values(chunk, |mut row, message| {
                     row.push_bind(message.id)
@@ -333,7 +533,8 @@ impl LogWriter for SqliteLogWriter {
                         .push_bind(message.sender_device.as_str())
                         .push_bind(message.client_msg_id.as_str())
                         .push_bind(message.sent_at_ms)
-                        .push_bind(message.text.as_str());
+                        .push_bind(message.text.as_str())
+                        .push_bind(message.notice.as_ref().map(|n| n.encode_to_vec()));
                 });
                 query.build().execute(&mut self.conn).await?;
             }
@@ -343,23 +544,203 @@ impl LogWriter for SqliteLogWriter {
 
     fn insert_events<'a>(
         &'a mut self,
-        events: &'a [(i64, u64, i64)],
+        events: &'a [EventRow],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            for chunk in chunks(events, 3) {
+            for chunk in chunks(events, 5) {
                 let mut query = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO user_events (user_id, seq, kind, message_id) ",
+                    "INSERT INTO user_events (user_id, seq, kind, message_id, payload) ",
                 );
-                query.push_values(chunk, |mut row, &(user_id, seq, message_id)| {
-                    row.push_bind(user_id)
-                        .push_bind(seq_to_sql(seq))
-                        .push(EVENT_KIND_MESSAGE)
-                        .push_bind(message_id);
+                query.push_values(chunk, |mut row, event| {
+                    let (kind, payload) = match &event.payload {
+                        EventPayload::Message => (EVENT_KIND_MESSAGE, None),
+                        EventPayload::Receipt(receipt) => {
+                            (EVENT_KIND_RECEIPT, Some(receipt.encode_to_vec()))
+                        }
+                        EventPayload::ReadState(state) => {
+                            (EVENT_KIND_READ_STATE, Some(state.encode_to_vec()))
+                        }
+                    };
+                    row.push_bind(event.user_id)
+                        .push_bind(seq_to_sql(event.seq))
+                        .push_bind(kind)
+                        .push_bind(event.message_id)
+                        .push_bind(payload);
                 });
                 query.build().execute(&mut self.conn).await?;
             }
             Ok(())
         })
+    }
+
+    fn newest_ids<'a>(
+        &'a mut self,
+        conversation_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<HashMap<i64, i64>, StoreError>> {
+        Box::pin(async move {
+            let mut newest = HashMap::with_capacity(conversation_ids.len());
+            for chunk in chunks(conversation_ids, 1) {
+                // A correlated MAX is one seek at the end of each conversation's
+                // index range (as in `last_seqs`).
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT k.column1 AS conversation_id, \
+                     (SELECT MAX(id) FROM messages WHERE conversation_id = k.column1) AS id \
+                     FROM (",
+                );
+                query.push_values(chunk, |mut row, &conversation_id| {
+                    row.push_bind(conversation_id);
+                });
+                query.push(") AS k");
+                let rows = query.build().fetch_all(&mut self.conn).await?;
+                for row in &rows {
+                    let id: Option<i64> = row.try_get("id")?;
+                    if let Some(id) = id {
+                        newest.insert(row.try_get("conversation_id")?, id);
+                    }
+                }
+            }
+            Ok(newest)
+        })
+    }
+
+    fn load_watermarks<'a>(
+        &'a mut self,
+        keys: &'a [(i64, i64)],
+    ) -> BoxFuture<'a, Result<WatermarkMap, StoreError>> {
+        Box::pin(async move {
+            let mut found = HashMap::with_capacity(keys.len());
+            for chunk in chunks(keys, 2) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT r.conversation_id AS conversation_id, r.user_id AS user_id, \
+                     r.delivered_up_to AS delivered_up_to, r.read_up_to AS read_up_to FROM (",
+                );
+                query.push_values(chunk, |mut row, &(conversation_id, user_id)| {
+                    row.push_bind(conversation_id).push_bind(user_id);
+                });
+                query.push(
+                    ") AS k JOIN receipts r \
+                     ON r.conversation_id = k.column1 AND r.user_id = k.column2",
+                );
+                let rows = query.build().fetch_all(&mut self.conn).await?;
+                for row in &rows {
+                    let key = (row.try_get("conversation_id")?, row.try_get("user_id")?);
+                    let marks = Watermarks {
+                        delivered_up_to: row.try_get("delivered_up_to")?,
+                        read_up_to: row.try_get("read_up_to")?,
+                    };
+                    found.insert(key, marks);
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn save_watermarks<'a>(
+        &'a mut self,
+        rows: &'a [(i64, i64, Watermarks)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for chunk in chunks(rows, 4) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO receipts (conversation_id, user_id, delivered_up_to, read_up_to) ",
+                );
+                query.push_values(chunk, |mut row, &(conversation_id, user_id, marks)| {
+                    row.push_bind(conversation_id)
+                        .push_bind(user_id)
+                        .push_bind(marks.delivered_up_to)
+                        .push_bind(marks.read_up_to);
+                });
+                query.push(
+                    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+                     delivered_up_to = excluded.delivered_up_to, \
+                     read_up_to = excluded.read_up_to",
+                );
+                query.build().execute(&mut self.conn).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn senders_between(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        up_to: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            let senders = sqlx::query_scalar(
+                "SELECT DISTINCT sender_id FROM messages \
+                 WHERE conversation_id = ?1 AND id > ?2 AND id <= ?3 AND sender_id <> ?4 \
+                 AND notice IS NULL",
+            )
+            .bind(conversation_id)
+            .bind(after)
+            .bind(up_to)
+            .bind(except)
+            .fetch_all(&mut self.conn)
+            .await?;
+            Ok(senders)
+        })
+    }
+
+    fn count_unread(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        user_id: i64,
+        cap: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(count_unread(
+            &mut self.conn,
+            conversation_id,
+            after,
+            user_id,
+            cap,
+        ))
+    }
+
+    fn record_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        leaves: &'a [(i64, i64)],
+        drop_receipts: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for chunk in chunks(leaves, 3) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO former_members (conversation_id, user_id, last_visible_id) ",
+                );
+                query.push_values(chunk, |mut row, &(user_id, last_visible_id)| {
+                    row.push_bind(conversation_id)
+                        .push_bind(user_id)
+                        .push_bind(last_visible_id);
+                });
+                query.push(
+                    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+                     last_visible_id = excluded.last_visible_id",
+                );
+                query.build().execute(&mut self.conn).await?;
+            }
+            if drop_receipts {
+                let user_ids: Vec<i64> = leaves.iter().map(|&(user_id, _)| user_id).collect();
+                delete_rows(&mut self.conn, "receipts", conversation_id, &user_ids).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn clear_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        user_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(delete_rows(
+            &mut self.conn,
+            "former_members",
+            conversation_id,
+            user_ids,
+        ))
     }
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -393,229 +774,28 @@ impl LogWriter for SqliteLogWriter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(id: i64, conversation_id: i64) -> StoredMessage {
-        StoredMessage {
-            id,
-            conversation_id,
-            sender_id: 1,
-            sender_device: "phone".into(),
-            client_msg_id: format!("c{id}"),
-            sent_at_ms: 1_000 + id,
-            text: format!("text {id}"),
+/// Deletes the rows of `user_ids` in one conversation from `table` (a table
+/// keyed by `(conversation_id, user_id)`).
+async fn delete_rows(
+    conn: &mut SqliteConnection,
+    table: &'static str,
+    conversation_id: i64,
+    user_ids: &[i64],
+) -> Result<(), StoreError> {
+    // Two "columns" per id leave room for the conversation id's parameter.
+    for chunk in chunks(user_ids, 2) {
+        let mut query =
+            QueryBuilder::<Sqlite>::new(format!("DELETE FROM {table} WHERE conversation_id = "));
+        query.push_bind(conversation_id).push(" AND user_id IN (");
+        let mut ids = query.separated(", ");
+        for &user_id in chunk {
+            ids.push_bind(user_id);
         }
+        query.push(")");
+        query.build().execute(&mut *conn).await?;
     }
-
-    /// Writes messages 1..=n to conversation 7 (and one to conversation 8), with
-    /// an event of user 1 each.
-    async fn seeded(dir: &tempfile::TempDir, n: i64) -> SqliteStore {
-        let (store, mut log) = open(&dir.path().join("m.db")).await.unwrap();
-        log.begin().await.unwrap();
-        let mut messages: Vec<StoredMessage> = (1..=n).map(|id| message(id, 7)).collect();
-        messages.push(message(1_000, 8));
-        log.insert_messages(&messages).await.unwrap();
-        let events: Vec<(i64, u64, i64)> = (1..=n).map(|id| (1, id as u64, id)).collect();
-        log.insert_events(&events).await.unwrap();
-        log.commit().await.unwrap();
-        store
-    }
-
-    fn ids(page: &Page<StoredMessage>) -> Vec<i64> {
-        page.items.iter().map(|m| m.id).collect()
-    }
-
-    fn query(before: Option<i64>, after: Option<i64>, limit: u32) -> HistoryQuery {
-        HistoryQuery {
-            conversation_id: 7,
-            before,
-            after,
-            limit,
-        }
-    }
-
-    /// History pages run newest first; `has_more` says whether the scan has more,
-    /// downwards from `before` and upwards from `after`.
-    #[tokio::test]
-    async fn history_pagination() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = seeded(&dir, 7).await;
-
-        let newest = store.history(query(None, None, 3)).await.unwrap();
-        assert_eq!((ids(&newest), newest.has_more), (vec![7, 6, 5], true));
-        let older = store.history(query(Some(5), None, 3)).await.unwrap();
-        assert_eq!((ids(&older), older.has_more), (vec![4, 3, 2], true));
-        let oldest = store.history(query(Some(2), None, 3)).await.unwrap();
-        assert_eq!((ids(&oldest), oldest.has_more), (vec![1], false));
-        let exact = store.history(query(Some(4), None, 3)).await.unwrap();
-        assert_eq!((ids(&exact), exact.has_more), (vec![3, 2, 1], false));
-
-        let newer = store.history(query(None, Some(2), 3)).await.unwrap();
-        assert_eq!((ids(&newer), newer.has_more), (vec![5, 4, 3], true));
-        let newest_after = store.history(query(None, Some(5), 3)).await.unwrap();
-        assert_eq!(
-            (ids(&newest_after), newest_after.has_more),
-            (vec![7, 6], false)
-        );
-
-        let between = store.history(query(Some(6), Some(2), 2)).await.unwrap();
-        assert_eq!((ids(&between), between.has_more), (vec![5, 4], true));
-        let all_between = store.history(query(Some(6), Some(2), 10)).await.unwrap();
-        assert_eq!(
-            (ids(&all_between), all_between.has_more),
-            (vec![5, 4, 3], false)
-        );
-    }
-
-    /// Sync returns a user's events after the cursor in seq order, with `has_more`.
-    #[tokio::test]
-    async fn sync_pages_in_seq_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = seeded(&dir, 5).await;
-        let page = store.sync(1, 1, 3).await.unwrap().events;
-        let seqs: Vec<u64> = page.items.iter().map(|e| e.seq).collect();
-        assert_eq!((seqs, page.has_more), (vec![2, 3, 4], true));
-        assert_eq!(page.items[0].message, message(2, 7));
-        let rest = store.sync(1, 4, 3).await.unwrap().events;
-        assert_eq!((rest.items.len(), rest.has_more), (1, false));
-        assert!(store.sync(2, 0, 10).await.unwrap().events.items.is_empty());
-    }
-
-    /// LastMessages returns the newest message of each conversation that has one.
-    #[tokio::test]
-    async fn last_messages_newest_per_conversation() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = seeded(&dir, 3).await;
-        let last = store.last_messages(&[7, 8, 9]).await.unwrap();
-        assert_eq!(
-            last.iter().map(|m| m.id).collect::<Vec<_>>(),
-            vec![3, 1_000]
-        );
-    }
-
-    /// The unique index refuses a second (sender, client_msg_id), and a rolled
-    /// back transaction leaves nothing behind.
-    #[tokio::test]
-    async fn unique_client_msg_id_and_rollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, mut log) = open(&dir.path().join("m.db")).await.unwrap();
-        log.begin().await.unwrap();
-        log.insert_messages(&[message(1, 7)]).await.unwrap();
-        let mut copy = message(2, 7);
-        copy.client_msg_id = "c1".into();
-        assert!(log.insert_messages(&[copy.clone()]).await.is_err());
-        // Two copies inside one multi-row INSERT are refused as well.
-        let mut twin = message(3, 7);
-        twin.client_msg_id = "c2".into();
-        assert!(log.insert_messages(&[message(2, 7), twin]).await.is_err());
-        log.rollback().await.unwrap();
-        log.rollback().await.unwrap();
-        assert!(
-            store
-                .history(query(None, None, 10))
-                .await
-                .unwrap()
-                .items
-                .is_empty()
-        );
-    }
-
-    /// Sync reports the user's head (0 without events) and never pages beyond it;
-    /// a cursor at or beyond the head gets an empty page and the head.
-    #[tokio::test]
-    async fn sync_reports_head() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = seeded(&dir, 5).await;
-        let page = store.sync(1, 0, 2).await.unwrap();
-        assert_eq!((page.head, page.events.has_more), (5, true));
-        let all = store.sync(1, 0, 100).await.unwrap();
-        assert_eq!((all.head, all.events.items.len()), (5, 5));
-        let beyond = store.sync(1, 9, 100).await.unwrap();
-        assert_eq!(
-            (
-                beyond.head,
-                beyond.events.items.len(),
-                beyond.events.has_more
-            ),
-            (5, 0, false)
-        );
-        let nobody = store.sync(2, 0, 100).await.unwrap();
-        assert_eq!((nobody.head, nobody.events.items.len()), (0, 0));
-    }
-
-    /// Chunks never exceed SQLite's parameter limit, cover every row in order,
-    /// and come in few distinct sizes: full chunks, then powers of two.
-    #[test]
-    fn chunk_sizes_bounded_and_complete() {
-        assert_eq!(
-            chunk_sizes(18_000, 3).collect::<Vec<_>>(),
-            vec![10_922, 4_096, 2_048, 512, 256, 128, 32, 4, 2]
-        );
-        assert_eq!(chunk_sizes(0, 7).count(), 0);
-        assert_eq!(chunk_sizes(64, 7).collect::<Vec<_>>(), vec![64]);
-        assert_eq!(chunk_sizes(4_680, 7).collect::<Vec<_>>(), vec![4_680]);
-        let mut distinct = std::collections::BTreeSet::new();
-        for columns in [1, 2, 3, 7] {
-            for rows in (0..40_000).step_by(37) {
-                let sizes: Vec<usize> = chunk_sizes(rows, columns).collect();
-                assert_eq!(sizes.iter().sum::<usize>(), rows);
-                assert!(sizes.iter().all(|size| size * columns <= MAX_BIND_PARAMS));
-                distinct.extend(sizes.iter().map(|&size| (columns, size)));
-            }
-        }
-        assert!(
-            distinct.len() <= 4 * 16,
-            "{} statement texts",
-            distinct.len()
-        );
-        let items: Vec<u32> = (0..1_000).collect();
-        let joined: Vec<u32> = chunks(&items, 7).flatten().copied().collect();
-        assert_eq!(joined, items);
-    }
-
-    /// Each batch operation handles more rows than one statement may carry:
-    /// 5,000 messages (7 parameters each), 15,000 events (3 each), 17,000 dedup
-    /// keys (2 each) and 33,000 users (1 each), all found again.
-    #[tokio::test]
-    async fn batch_operations_span_several_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, mut log) = open(&dir.path().join("m.db")).await.unwrap();
-        let messages: Vec<StoredMessage> = (1..=5_000).map(|id| message(id, 7)).collect();
-        let events: Vec<(i64, u64, i64)> = messages
-            .iter()
-            .flat_map(|m| (1..=3).map(move |user| (user, m.id as u64, m.id)))
-            .collect();
-        assert!(messages.len() * 7 > MAX_BIND_PARAMS && events.len() * 3 > MAX_BIND_PARAMS);
-        log.begin().await.unwrap();
-        log.insert_messages(&messages).await.unwrap();
-        log.insert_events(&events).await.unwrap();
-
-        // Inside the transaction the writes are visible to the lookups.
-        let missing: Vec<String> = (0..12_000).map(|i| format!("missing{i}")).collect();
-        let keys: Vec<(i64, &str)> = messages
-            .iter()
-            .map(|m| (m.sender_id, m.client_msg_id.as_str()))
-            .chain(missing.iter().map(|c| (1, c.as_str())))
-            .collect();
-        assert!(keys.len() * 2 > MAX_BIND_PARAMS);
-        let mut found = log.find_sent_many(&keys).await.unwrap();
-        found.sort_by_key(|m| m.id);
-        assert_eq!(found, messages);
-
-        let users: Vec<i64> = (0..33_000).collect();
-        let last = log.last_seqs(&users).await.unwrap();
-        assert_eq!(last, HashMap::from([(1, 5_000), (2, 5_000), (3, 5_000)]));
-        log.commit().await.unwrap();
-
-        for user in 1..=3 {
-            let page = store.sync(user, 0, 10_000).await.unwrap();
-            let seqs: Vec<u64> = page.events.items.iter().map(|e| e.seq).collect();
-            assert_eq!(seqs, (1..=5_000).collect::<Vec<_>>());
-            assert_eq!(page.head, 5_000);
-        }
-        let newest = store.history(query(None, None, 1)).await.unwrap();
-        assert_eq!(ids(&newest), vec![5_000]);
-    }
+    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -85,7 +85,7 @@ async fn unauthenticated_is_refused() -> Result<()> {
 
     let control = resign(&alice.access_token, SECRET, 600)?;
     let mut list = server.conversations_with(Some(&control)).await?;
-    list.list(ListConversationsRequest {})
+    list.list(ListConversationsRequest::default())
         .await
         .context("a re-signed valid token must work")?;
 
@@ -105,7 +105,7 @@ async fn unauthenticated_is_refused() -> Result<()> {
     for (what, token) in bad_tokens {
         let mut client = server.conversations_with(token).await?;
         let status = client
-            .list(ListConversationsRequest {})
+            .list(ListConversationsRequest::default())
             .await
             .expect_err(what);
         assert_eq!(
@@ -211,7 +211,7 @@ async fn external_tokens_accepted() -> Result<()> {
     let wrong_issuer = mint("someone-else")?;
     let mut refused = server.conversations_with(Some(&wrong_issuer)).await?;
     let status = refused
-        .list(ListConversationsRequest {})
+        .list(ListConversationsRequest::default())
         .await
         .expect_err("a token of another issuer was accepted");
     assert_eq!(status.code(), Code::Unauthenticated);

@@ -143,3 +143,100 @@ async fn cli_refreshes_an_expired_token() -> Result<()> {
     chat.quit().await?;
     Ok(())
 }
+
+/// Three `confab client` users in a group: `group create`, `chat --conversation`
+/// with names, notices and receipts (`✓✓ ... read by`), `group members`,
+/// `group info` ("delivered to 2 of 2, read by 2"), unread counts in
+/// `conversations`, `group remove` and `group leave` seen as notices.
+#[tokio::test]
+async fn cli_group_chat() -> Result<()> {
+    let server = Server::start().await?;
+    let dirs = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let alice = CliUser::new(&server, dirs.0.path());
+    let bob = CliUser::new(&server, dirs.1.path());
+    let carol = CliUser::new(&server, dirs.2.path());
+    for (user, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        user.run_ok(&["register", name, "--password", "a-password"])
+            .await?;
+    }
+    let created = alice
+        .run_ok(&["group", "create", "friends", "--members", "bob,carol"])
+        .await?;
+    let id: i64 = created
+        .split('#')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("no #id in {created:?}"))?;
+    assert!(created.contains("3 members"), "{created}");
+
+    let mut bob_chat = bob.chat_in(id)?;
+    bob_chat
+        .expect_line("alice created the conversation")
+        .await?;
+    let mut carol_chat = carol.chat_in(id)?;
+    carol_chat
+        .expect_line("alice created the conversation")
+        .await?;
+    let mut alice_chat = alice.chat_in(id)?;
+    alice_chat.say("hello friends").await?;
+    let sent = alice_chat.expect_line("✓ sent #").await?;
+    let message_id = sent.trim().trim_start_matches("✓ sent #").to_owned();
+    bob_chat.expect_line("alice: hello friends").await?;
+    carol_chat.expect_line("alice: hello friends").await?;
+    // Bob's and carol's receipts come in either order.
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let line = alice_chat
+            .expect_line(&format!("✓✓ #{message_id} read by "))
+            .await?;
+        readers.push(line.rsplit(' ').next().unwrap_or_default().to_owned());
+    }
+    readers.sort();
+    assert_eq!(readers, ["bob", "carol"], "{:#?}", alice_chat.seen());
+    let info = alice.run_ok(&["group", "info", &id.to_string()]).await?;
+    assert!(
+        info.contains("friends") && info.contains("delivered to 2 of 2, read by 2"),
+        "{info}"
+    );
+
+    carol_chat.say("hi everyone").await?;
+    alice_chat.expect_line("carol: hi everyone").await?;
+    bob_chat.expect_line("carol: hi everyone").await?;
+    let members = bob.run_ok(&["group", "members", &id.to_string()]).await?;
+    assert!(
+        members.contains("alice (owner)") && members.contains("bob") && members.contains("carol"),
+        "{members}"
+    );
+
+    bob_chat.quit().await?;
+    alice_chat.say("where is bob?").await?;
+    carol_chat.expect_line("alice: where is bob?").await?;
+    let listed = bob.run_ok(&["conversations"]).await?;
+    assert!(
+        listed.contains("group friends") && listed.contains("1 unread"),
+        "conversations: {listed}"
+    );
+
+    alice
+        .run_ok(&["group", "remove", &id.to_string(), "carol"])
+        .await?;
+    carol_chat.expect_line("alice removed carol").await?;
+    alice_chat.expect_line("alice removed carol").await?;
+    bob.run_ok(&["group", "leave", &id.to_string()]).await?;
+    alice_chat.expect_line("bob left").await?;
+    let refused = carol
+        .run(&["group", "members", &id.to_string()], "")
+        .await?;
+    assert!(
+        !refused.status.success() && refused.stderr.contains("no such conversation"),
+        "{refused:?}"
+    );
+    carol_chat.quit().await?;
+    alice_chat.quit().await?;
+    Ok(())
+}

@@ -23,10 +23,16 @@ use tokio_tungstenite::tungstenite;
 use tonic::Code;
 
 mod auth;
+mod channels;
 mod cli;
+mod groups;
 mod history;
 mod messaging;
 mod robustness;
+
+/// Held by the tests that open hundreds of connections, so that no two of them
+/// run at once (one process may hold at most 20,000 open files here).
+static BIG_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Collects `n` message events and returns them as (seq, message).
 async fn messages<T: Transport>(conn: &mut Conn<T>, n: usize) -> Result<Vec<(u64, Message)>> {

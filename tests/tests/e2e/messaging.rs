@@ -351,7 +351,7 @@ async fn non_member_is_refused() -> Result<()> {
         "carol's sequence is empty: {carol_sync:?}"
     );
     let listed = carol_client
-        .list(ListConversationsRequest {})
+        .list(ListConversationsRequest::default())
         .await?
         .into_inner();
     assert!(listed.conversations.is_empty(), "{listed:?}");

@@ -1,0 +1,169 @@
+//! Scenario `group`: one group of G members, every member connected on its own
+//! `Edge.Stream`. One member posts M messages one after another; for each, the
+//! time from the send until the *last* other member has it is recorded, so the
+//! figure is the fan-out time of the whole group, not of its fastest member.
+//!
+//! Members are users of an external identity provider (the server must run with
+//! `--external-jwt-secret` equal to `--external-secret` here): the bench mints
+//! their tokens itself, which skips 1,000 password hashings at set-up.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use confab_proto::v1::accounts_client::AccountsClient;
+use confab_proto::v1::conversations_client::ConversationsClient;
+use confab_proto::v1::{
+    ClientFrame, CreateGroupRequest, MeRequest, SendMessage, client_frame, event, server_frame,
+};
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::client::{Inbound, authorized, open};
+use crate::one_to_one::ms;
+
+/// Arguments of the group scenario.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Members of the group, the sender included.
+    #[arg(long, default_value_t = 100)]
+    members: usize,
+    /// Messages sent, one after the other.
+    #[arg(long, default_value_t = 20)]
+    messages: usize,
+    /// The server's `--external-jwt-secret`.
+    #[arg(long, env = "CONFAB_EXTERNAL_JWT_SECRET")]
+    external_secret: String,
+}
+
+/// Runs the scenario against `server`.
+pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.members >= 2, "a group needs two members");
+    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    let run_id: u32 = rand::random();
+    eprintln!("setting up {} members", args.members);
+    let mut tokens = Vec::with_capacity(args.members);
+    let mut ids = Vec::with_capacity(args.members);
+    for i in 0..args.members {
+        let token = mint(&args.external_secret, &format!("g{run_id:08x}m{i}"))?;
+        let me = AccountsClient::new(channel.clone())
+            .me(authorized(MeRequest {}, &token)?)
+            .await?
+            .into_inner();
+        ids.push(me.id);
+        tokens.push(token);
+    }
+    let request = CreateGroupRequest {
+        name: format!("bench {run_id:08x}"),
+        member_ids: ids[1..].to_vec(),
+        ..Default::default()
+    };
+    let group = ConversationsClient::new(channel.clone())
+        .create_group(authorized(request, &tokens[0])?)
+        .await?
+        .into_inner();
+
+    // Every member's connection reports the message ids it receives.
+    let (arrivals, mut arrived) = mpsc::unbounded_channel();
+    let mut sender = None;
+    for (i, token) in tokens.iter().enumerate() {
+        let (out, inbound) = open(server, token).await?;
+        if i == 0 {
+            sender = Some((out, inbound));
+            continue;
+        }
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let _keep_open = out;
+            watch(inbound, arrivals).await
+        });
+    }
+    let (sender_out, mut sender_in) = sender.context("no sender")?;
+    let others = args.members - 1;
+    eprintln!(
+        "sending {} messages to {others} connected members",
+        args.messages
+    );
+
+    let mut fanout = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let started = Instant::now();
+    for n in 0..args.messages {
+        let sent_at = Instant::now();
+        let frame = ClientFrame {
+            r#ref: n as u64 + 1,
+            kind: Some(client_frame::Kind::Send(SendMessage {
+                conversation_id: group.id,
+                client_msg_id: format!("g{n}"),
+                text: format!("message {n}"),
+            })),
+        };
+        sender_out.send(frame).await?;
+        let message_id = acked(&mut sender_in).await?;
+        let mut have = 0;
+        while have < others {
+            let (id, _at) = tokio::time::timeout(Duration::from_secs(30), arrived.recv())
+                .await
+                .context("a member did not get the message within 30 s")?
+                .context("members' connections ended")?;
+            if id == message_id {
+                have += 1;
+            }
+        }
+        fanout.record((sent_at.elapsed().as_micros() as u64).max(1))?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let deliveries = (args.messages * others) as f64;
+    println!(
+        "group: {} members ({others} connected receivers), {} messages, {:.0} deliveries/s",
+        args.members,
+        args.messages,
+        deliveries / elapsed
+    );
+    println!(
+        "  send->last member  p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
+        ms(fanout.value_at_quantile(0.50)),
+        ms(fanout.value_at_quantile(0.90)),
+        ms(fanout.value_at_quantile(0.99)),
+        ms(fanout.max()),
+    );
+    Ok(())
+}
+
+/// Forwards the id of every message this member receives.
+async fn watch(mut inbound: Inbound, arrivals: mpsc::UnboundedSender<(i64, Instant)>) {
+    while let Some(Ok(frame)) = inbound.next().await {
+        if let Some(server_frame::Kind::Event(ev)) = frame.kind
+            && let Some(event::Kind::Message(message)) = ev.kind
+            && arrivals.send((message.id, Instant::now())).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits for the sender's acknowledgement and returns the message id.
+async fn acked(inbound: &mut Inbound) -> anyhow::Result<i64> {
+    loop {
+        let frame = inbound.next().await.context("sender stream ended")??;
+        match frame.kind {
+            Some(server_frame::Kind::Sent(ack)) => return Ok(ack.message_id),
+            Some(server_frame::Kind::Error(error)) => {
+                anyhow::bail!("send failed: {} {}", error.reason, error.message)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Returns an HS256 token for `subject`, as an app's identity provider would mint.
+fn mint(secret: &str, subject: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({ "sub": subject, "exp": exp });
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}

@@ -1,0 +1,517 @@
+//! Unit tests of the group-commit writer.
+
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+use crate::store::sqlite::{self, SqliteLogWriter, SqliteStore};
+use crate::store::{BoxFuture, MessageStore as _, UserEvent};
+use crate::testing::RecordingBus;
+
+struct Setup {
+    handle: WriterHandle,
+    done: watch::Receiver<bool>,
+    stats: Arc<WriterStats>,
+    store: SqliteStore,
+    bus: Arc<RecordingBus>,
+    live: mpsc::UnboundedReceiver<Arc<LiveEvent>>,
+}
+
+async fn setup(dir: &tempfile::TempDir, fail_commit: Option<Arc<AtomicBool>>) -> Setup {
+    let (store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
+    let log: Box<dyn LogWriter> = match fail_commit {
+        Some(fail) => Box::new(FailingLog { inner: log, fail }),
+        None => Box::new(log),
+    };
+    let (bus, live) = RecordingBus::new();
+    let (handle, done, stats) = spawn(log, 3, 512, bus.clone());
+    Setup {
+        handle,
+        done,
+        stats,
+        store,
+        bus,
+        live,
+    }
+}
+
+fn command(
+    sender_id: i64,
+    conversation_id: i64,
+    members: &[i64],
+    client_msg_id: &str,
+) -> SendCommand {
+    SendCommand {
+        sender_id,
+        sender_device: format!("device-{sender_id}"),
+        conversation_id,
+        client_msg_id: client_msg_id.into(),
+        text: format!("hello from {sender_id}"),
+        hint: hint(members),
+        accepted_at: Instant::now(),
+    }
+}
+
+/// A group snapshot at version 1 with `members`.
+fn hint(members: &[i64]) -> Arc<Snapshot> {
+    let mut members = members.to_vec();
+    members.sort_unstable();
+    Arc::new(Snapshot {
+        version: 1,
+        kind: confab_proto::v1::ConversationKind::Group,
+        member_count: members.len() as u32,
+        members: members.into(),
+    })
+}
+
+/// Returns the user a live event is for; panics on channel posts.
+fn user_of(event: &LiveEvent) -> i64 {
+    match event.audience {
+        Audience::User(user_id) => user_id,
+        Audience::Channel(_) => panic!("a channel post"),
+    }
+}
+
+async fn all_events(store: &SqliteStore, user_id: i64) -> Vec<UserEvent> {
+    store.sync(user_id, 0, 10_000).await.unwrap().events.items
+}
+
+/// Fails the next commit when `fail` is set, like a full disk would.
+#[derive(Debug)]
+struct FailingLog {
+    inner: SqliteLogWriter,
+    fail: Arc<AtomicBool>,
+}
+
+impl LogWriter for FailingLog {
+    fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.begin()
+    }
+    fn find_sent_many<'a>(
+        &'a mut self,
+        keys: &'a [(i64, &'a str)],
+    ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>> {
+        self.inner.find_sent_many(keys)
+    }
+    fn last_seqs<'a>(
+        &'a mut self,
+        user_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>> {
+        self.inner.last_seqs(user_ids)
+    }
+    fn insert_messages<'a>(
+        &'a mut self,
+        messages: &'a [StoredMessage],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.insert_messages(messages)
+    }
+    fn insert_events<'a>(
+        &'a mut self,
+        events: &'a [EventRow],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.insert_events(events)
+    }
+    fn newest_ids<'a>(
+        &'a mut self,
+        conversation_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<HashMap<i64, i64>, StoreError>> {
+        self.inner.newest_ids(conversation_ids)
+    }
+    fn load_watermarks<'a>(
+        &'a mut self,
+        keys: &'a [(i64, i64)],
+    ) -> BoxFuture<'a, Result<crate::store::WatermarkMap, StoreError>> {
+        self.inner.load_watermarks(keys)
+    }
+    fn save_watermarks<'a>(
+        &'a mut self,
+        rows: &'a [(i64, i64, Watermarks)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.save_watermarks(rows)
+    }
+    fn senders_between(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        up_to: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        self.inner
+            .senders_between(conversation_id, after, up_to, except)
+    }
+    fn count_unread(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        user_id: i64,
+        cap: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        self.inner
+            .count_unread(conversation_id, after, user_id, cap)
+    }
+    fn record_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        leaves: &'a [(i64, i64)],
+        drop_receipts: bool,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner
+            .record_leaves(conversation_id, leaves, drop_receipts)
+    }
+    fn clear_leaves<'a>(
+        &'a mut self,
+        conversation_id: i64,
+        user_ids: &'a [i64],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.clear_leaves(conversation_id, user_ids)
+    }
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        if self.fail.swap(false, Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(sqlx::Error::Protocol("injected commit failure".into()).into())
+            });
+        }
+        self.inner.commit()
+    }
+    fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.rollback()
+    }
+    fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::new(self.inner).close()
+    }
+}
+
+/// A retry with the same (sender, client_msg_id) returns the original message
+/// with `duplicate` set and stores nothing, also with other content.
+#[tokio::test]
+async fn retry_returns_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let first = submit(&s.handle, command(1, 10, &[1, 2], "a"))
+        .await
+        .unwrap();
+    let mut retry = command(1, 10, &[1, 2], "a");
+    retry.text = "different".into();
+    let second = submit(&s.handle, retry).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(second.message, first.message);
+    assert_eq!(all_events(&s.store, 2).await.len(), 1);
+    // Another sender may use the same client_msg_id.
+    let other = submit(&s.handle, command(2, 10, &[1, 2], "a"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    assert_ne!(other.message.id, first.message.id);
+}
+
+/// Two copies of one send inside one batch store one message: the second is
+/// answered with the first's message, marked duplicate.
+#[tokio::test]
+async fn duplicate_within_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    // On the current-thread runtime the writer cannot run before both are
+    // queued, so they land in one batch.
+    let (a, b) = tokio::join!(
+        submit(&s.handle, command(1, 10, &[1, 2], "same")),
+        submit(&s.handle, command(1, 10, &[1, 2], "same")),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(s.stats.commits.load(Ordering::Relaxed), 1);
+    assert_eq!((a.duplicate, b.duplicate), (false, true));
+    assert_eq!(a.message, b.message);
+    assert_eq!(all_events(&s.store, 1).await.len(), 1);
+    assert_eq!(
+        s.bus.events.lock().len(),
+        2,
+        "one event per member, none for the copy"
+    );
+}
+
+/// 200 concurrent sends from three senders: every user's sequence is 1..=n
+/// with each message once, ids increase with seq within every conversation,
+/// far fewer commits than sends, and the bus sees every event in per-user seq
+/// order, each readable (committed) when published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sends_gap_free_and_batched() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup(&dir, None).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200_i64 {
+        let handle = s.handle.clone();
+        let sender = 1 + i % 3;
+        // Conversation 10 = {1, 2, 3}, conversation 20 = {1, 2}.
+        let (conversation, members): (i64, &[i64]) = if sender == 3 || i % 2 == 0 {
+            (10, &[1, 2, 3])
+        } else {
+            (20, &[1, 2])
+        };
+        tasks.spawn(async move {
+            submit(
+                &handle,
+                command(sender, conversation, members, &format!("m{i}")),
+            )
+            .await
+        });
+    }
+    let mut sent = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        sent.push(result.unwrap().unwrap());
+    }
+    let commits = s.stats.commits.load(Ordering::Relaxed);
+    let largest = s.stats.max_batch.load(Ordering::Relaxed);
+    println!("200 concurrent sends: {commits} commits, largest batch {largest}");
+    assert!(commits <= 100, "{commits} commits for 200 sends");
+
+    for user in 1..=3_i64 {
+        let events = all_events(&s.store, user).await;
+        let expected = sent
+            .iter()
+            .filter(|sent| user != 3 || sent.message.conversation_id == 10)
+            .count();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=expected as u64).collect::<Vec<_>>(),
+            "user {user}"
+        );
+        let mut ids: Vec<i64> = events.iter().map(|e| e.message().id).collect();
+        for conversation in [10, 20] {
+            let in_conversation: Vec<i64> = events
+                .iter()
+                .filter(|e| e.message().conversation_id == conversation)
+                .map(|e| e.message().id)
+                .collect();
+            assert!(
+                in_conversation.windows(2).all(|w| w[0] < w[1]),
+                "ids out of commit order"
+            );
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), expected, "user {user} got a message twice");
+    }
+
+    let mut last_seq: HashMap<i64, u64> = HashMap::new();
+    let published = s.bus.events.lock().len();
+    for _ in 0..published {
+        let event = s.live.recv().await.unwrap();
+        let last = last_seq.entry(user_of(&event)).or_default();
+        assert_eq!(
+            event.event.seq,
+            *last + 1,
+            "user {} out of order",
+            user_of(&event)
+        );
+        *last = event.event.seq;
+        let stored = s
+            .store
+            .sync(user_of(&event), event.event.seq - 1, 1)
+            .await
+            .unwrap();
+        let Some(event::Kind::Message(message)) = &event.event.kind else {
+            panic!("not a message event");
+        };
+        assert_eq!(stored.events.items[0].message().id, message.id);
+        let own = user_of(&event) == message.sender_id;
+        assert_eq!(event.origin_device.is_some(), own);
+    }
+    assert_eq!(last_seq[&1], 200);
+}
+
+/// A failed commit answers every send of the batch with an error, stores
+/// nothing, and the next batch reuses no sequence number and skips none.
+#[tokio::test]
+async fn failed_commit_rolls_back_and_reloads_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let s = setup(&dir, Some(fail.clone())).await;
+    submit(&s.handle, command(1, 10, &[1, 2], "ok-1"))
+        .await
+        .unwrap();
+    fail.store(true, Ordering::SeqCst);
+    let (a, b) = tokio::join!(
+        submit(&s.handle, command(1, 10, &[1, 2], "lost-1")),
+        submit(&s.handle, command(2, 10, &[1, 2], "lost-2")),
+    );
+    assert!(matches!(a, Err(MessageError::CommitFailed(_))));
+    assert!(matches!(b, Err(MessageError::CommitFailed(_))));
+    let retried = submit(&s.handle, command(1, 10, &[1, 2], "lost-1"))
+        .await
+        .unwrap();
+    assert!(!retried.duplicate, "the failed batch stored nothing");
+    for user in [1, 2] {
+        let seqs: Vec<u64> = all_events(&s.store, user)
+            .await
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+    assert_eq!(
+        s.bus.events.lock().len(),
+        4,
+        "nothing published for the failed batch"
+    );
+}
+
+/// After a restart the sequences continue where they stopped, and old
+/// client_msg_ids still dedup.
+#[tokio::test]
+async fn restart_continues_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let first = submit(&s.handle, command(1, 10, &[1, 2], "before"))
+        .await
+        .unwrap();
+    submit(&s.handle, command(2, 10, &[1, 2], "before-2"))
+        .await
+        .unwrap();
+    let Setup {
+        handle, mut done, ..
+    } = s;
+    drop(handle);
+    done.wait_for(|done| *done).await.unwrap();
+
+    let s = setup(&dir, None).await;
+    let retry = submit(&s.handle, command(1, 10, &[1, 2], "before"))
+        .await
+        .unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.message.id, first.message.id);
+    let after = submit(&s.handle, command(1, 10, &[1, 2], "after"))
+        .await
+        .unwrap();
+    assert!(after.message.id > first.message.id);
+    for user in [1, 2] {
+        let seqs: Vec<u64> = all_events(&s.store, user)
+            .await
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+    assert_eq!(
+        s.bus
+            .events
+            .lock()
+            .iter()
+            .map(|e| e.event.seq)
+            .collect::<Vec<_>>(),
+        vec![3, 3]
+    );
+}
+
+/// Three sends in one batch to a conversation of 6,000 members: 18,000 event
+/// rows, more than one INSERT may carry (10,922 rows of 3 parameters), all
+/// stored, each member's seqs 1, 2, 3 in the messages' commit order.
+#[tokio::test]
+async fn batch_beyond_one_chunk_stores_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let members: Vec<i64> = (1..=6_000).collect();
+    let (a, b, c) = tokio::join!(
+        submit(&s.handle, command(1, 10, &members, "a")),
+        submit(&s.handle, command(2, 10, &members, "b")),
+        submit(&s.handle, command(3, 10, &members, "c")),
+    );
+    let ids = [a.unwrap(), b.unwrap(), c.unwrap()].map(|sent| sent.message.id);
+    assert_eq!(s.stats.commits.load(Ordering::Relaxed), 1, "one batch");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    for &user in &members {
+        let events = all_events(&s.store, user).await;
+        let stored: Vec<(u64, i64)> = events.iter().map(|e| (e.seq, e.message().id)).collect();
+        assert_eq!(
+            stored,
+            vec![(1, ids[0]), (2, ids[1]), (3, ids[2])],
+            "user {user}"
+        );
+    }
+    assert_eq!(s.bus.events.lock().len(), 18_000);
+}
+
+/// 600 sends queued at once with batches of at most 512: every one stored
+/// once, in at least two commits, each member's seqs 1..=600 with ids
+/// increasing along them.
+#[tokio::test]
+async fn more_sends_than_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let members = [1, 2, 3, 4];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..600_i64 {
+        let handle = s.handle.clone();
+        let sender = 1 + i % 4;
+        tasks.spawn(async move {
+            submit(&handle, command(sender, 10, &members, &format!("m{i}"))).await
+        });
+    }
+    let mut sent = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let result = result.unwrap().unwrap();
+        assert!(!result.duplicate);
+        sent.push(result.message.id);
+    }
+    let commits = s.stats.commits.load(Ordering::Relaxed);
+    let largest = s.stats.max_batch.load(Ordering::Relaxed);
+    println!("600 queued sends: {commits} commits, largest batch {largest}");
+    assert!(commits >= 2, "{commits} commits");
+    assert!(largest <= 512, "batch of {largest}");
+    sent.sort_unstable();
+    sent.dedup();
+    assert_eq!(sent.len(), 600);
+    for user in members {
+        let events = all_events(&s.store, user).await;
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=600).collect::<Vec<_>>(), "user {user}");
+        let ids: Vec<i64> = events.iter().map(|e| e.message().id).collect();
+        assert_eq!(ids, sent, "user {user}: ids follow the seqs");
+    }
+}
+
+/// A copy in the batch of a message stored by an earlier batch, and a second
+/// copy of a new one, are both answered from the right original, and the
+/// seqs of the batch stay gap-free.
+#[tokio::test]
+async fn duplicates_of_stored_and_new_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let old = submit(&s.handle, command(1, 10, &[1, 2], "old"))
+        .await
+        .unwrap();
+    let (retry, fresh, copy, other) = tokio::join!(
+        submit(&s.handle, command(1, 10, &[1, 2], "old")),
+        submit(&s.handle, command(2, 10, &[1, 2], "new")),
+        submit(&s.handle, command(2, 10, &[1, 2], "new")),
+        submit(&s.handle, command(1, 10, &[1, 2], "other")),
+    );
+    let (retry, fresh, copy, other) = (
+        retry.unwrap(),
+        fresh.unwrap(),
+        copy.unwrap(),
+        other.unwrap(),
+    );
+    assert_eq!(s.stats.commits.load(Ordering::Relaxed), 2);
+    assert_eq!((retry.duplicate, &retry.message), (true, &old.message));
+    assert!(!fresh.duplicate && !other.duplicate);
+    assert_eq!(
+        (copy.duplicate, copy.message),
+        (true, fresh.message.clone())
+    );
+    assert!(fresh.message.id < other.message.id);
+    for user in [1, 2] {
+        let ids: Vec<(u64, i64)> = all_events(&s.store, user)
+            .await
+            .iter()
+            .map(|e| (e.seq, e.message().id))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (1, old.message.id),
+                (2, fresh.message.id),
+                (3, other.message.id)
+            ]
+        );
+    }
+}
