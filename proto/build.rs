@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "confab/group/v1/group.proto",
     "confab/message/v1/message.proto",
     "confab/session/v1/session.proto",
+    "confab/presence/v1/presence.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

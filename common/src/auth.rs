@@ -363,4 +363,30 @@ mod tests {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &wrong_iss, &key).unwrap();
         assert!(tokens.verify_access(&token).is_err());
     }
+
+    /// A test-only Ed25519 key pair (generated with openssl for this test).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEdK+xiVTqpSgsde9jLhnUsxr/RBYKQI7gFczsPPQy8A\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA6HXBeaw3aL+WMOFzdm5xQleLrYSuAdIZJxEbMYDkitE=\n-----END PUBLIC KEY-----\n";
+
+    /// A token signed with the private half of a configured Ed25519 public key is
+    /// accepted; the same claims signed with HS256 using the public key as the
+    /// secret (key confusion) are refused.
+    #[test]
+    fn external_public_key_accepted_and_pinned() {
+        let external = ExternalIssuer::public_key(ED_PUBLIC.as_bytes(), None, None).unwrap();
+        let tokens = service().with_external(external);
+        let claims = serde_json::json!({"sub": "dana", "exp": 4_000_000_000u64});
+        let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap();
+        assert_eq!(
+            tokens.verify_access(&token).unwrap(),
+            Subject::External("dana".into())
+        );
+
+        let confused = EncodingKey::from_secret(ED_PUBLIC.as_bytes()).unwrap();
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &confused).unwrap();
+        assert!(tokens.verify_access(&token).is_err());
+        assert!(ExternalIssuer::public_key(b"not a key", None, None).is_err());
+    }
 }

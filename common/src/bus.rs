@@ -19,6 +19,9 @@ pub enum Audience {
     /// Every connection that has this channel open (a channel post: fan-out on
     /// read, in nobody's sequence).
     Channel(i64),
+    /// Every connection that watches this user's presence (ephemeral, in
+    /// nobody's sequence).
+    Watchers(i64),
 }
 
 /// One event on its way to live devices.

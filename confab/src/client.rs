@@ -7,11 +7,14 @@
 //! - [`groups`]: `group create/add/remove/leave/members/info`.
 //! - [`chat`]: `chat <peer>` or `chat --conversation <id>`: catch-up and live
 //!   messages over `Edge.Stream`, receipts both ways.
+//! - [`presence`]: `presence USER...`, `privacy [everyone|contacts|nobody]`,
+//!   and the presence and typing lines of `chat`.
 //! - [`show`]: how messages, times and errors are printed.
 
 mod chat;
 mod groups;
 mod listing;
+mod presence;
 mod session;
 mod show;
 mod state;
@@ -67,7 +70,8 @@ enum ClientCommand {
         before: Option<i64>,
     },
     /// Chats with a user or in a group: prints what was missed, then live
-    /// messages and receipts; every stdin line is sent; ends at end of input.
+    /// messages, receipts, who is typing and (with a user) their presence;
+    /// every stdin line is sent; ends at end of input.
     Chat {
         /// The other user's name.
         #[arg(required_unless_present = "conversation")]
@@ -79,6 +83,19 @@ enum ClientCommand {
     /// Groups: create, add, remove, leave, members, info.
     #[command(subcommand)]
     Group(groups::GroupCommand),
+    /// Prints whether users are online, or when they were last seen, as far
+    /// as they let you see it.
+    Presence {
+        /// User names (of people you have a conversation with) or user ids.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Sets who may see when you were last online; shows it without an argument.
+    Privacy {
+        /// everyone, contacts (the default) or nobody.
+        #[arg(value_enum)]
+        last_seen: Option<presence::Visibility>,
+    },
 }
 
 /// A username and where its password comes from.
@@ -125,6 +142,14 @@ pub(crate) async fn run(args: ClientArgs) -> anyhow::Result<ExitCode> {
         ClientCommand::Group(command) => {
             let mut session = Session::open(&args.server, state_file).await?;
             groups::run(&mut session, command).await
+        }
+        ClientCommand::Presence { users } => {
+            let mut session = Session::open(&args.server, state_file).await?;
+            presence::presence(&mut session, &users).await
+        }
+        ClientCommand::Privacy { last_seen } => {
+            let mut session = Session::open(&args.server, state_file).await?;
+            presence::privacy(&mut session, last_seen).await
         }
     }
 }

@@ -18,10 +18,13 @@ use confab_common::channel::in_process;
 use confab_gateway::{Gateway, GatewayConfig, Hub};
 use confab_group_svc::{GroupLimits, GroupService};
 use confab_message_svc::{MessageConfig, MessageService};
+use confab_presence_svc::{PresenceConfig, PresenceService};
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::group::v1::groups_server::GroupsServer;
 use confab_proto::message::v1::messages_client::MessagesClient;
 use confab_proto::message::v1::messages_server::MessagesServer;
+use confab_proto::presence::v1::presences_client::PresencesClient;
+use confab_proto::presence::v1::presences_server::PresencesServer;
 use confab_proto::session::v1::AcquireNodeIdRequest;
 use confab_proto::session::v1::sessions_client::SessionsClient;
 use confab_proto::session::v1::sessions_server::SessionsServer;
@@ -54,6 +57,15 @@ pub(crate) struct ServeArgs {
     /// Most subscribers of a channel, the owner included.
     #[arg(long, env = "CONFAB_MAX_CHANNEL_SIZE", default_value_t = 1_000_000)]
     max_channel_size: u32,
+    /// A user is online while a device heartbeated within this window (ms).
+    #[arg(long, env = "CONFAB_PRESENCE_WINDOW_MS", default_value_t = 15_000)]
+    presence_window_ms: u64,
+    /// A "typing" that is not stopped expires after this long (ms).
+    #[arg(long, env = "CONFAB_TYPING_TTL_MS", default_value_t = 6_000)]
+    typing_ttl_ms: u64,
+    /// Typing events accepted per user per minute.
+    #[arg(long, env = "CONFAB_TYPING_PER_MINUTE", default_value_t = 60)]
+    typing_per_minute: u32,
     /// Lifetime of access tokens, in seconds.
     #[arg(long, env = "CONFAB_ACCESS_TTL_SECS", default_value_t = 15 * 60)]
     access_ttl_secs: u64,
@@ -135,6 +147,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot open the message store")?;
     let messages = MessagesClient::new(in_process(MessagesServer::new(message_service.clone())));
 
+    let presence_config = PresenceConfig {
+        db_path: args.data_dir.join("presence.db"),
+        window: Duration::from_millis(args.presence_window_ms),
+        typing_ttl: Duration::from_millis(args.typing_ttl_ms),
+        typing_per_minute: args.typing_per_minute,
+    };
+    let presence_service = PresenceService::open(presence_config, groups.clone(), hub.clone())
+        .await
+        .context("cannot open the presence store")?;
+    let presence = PresencesClient::new(in_process(PresencesServer::new(presence_service.clone())));
+
     let gateway = Gateway {
         config: GatewayConfig {
             node: args.node.clone(),
@@ -146,6 +169,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         groups,
         messages,
         sessions,
+        presence,
         hub,
         metrics,
     };
@@ -158,8 +182,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(%local, data_dir = %args.data_dir.display(), "confab serving");
 
     confab_gateway::serve(listener, gateway, shutdown_signal()).await?;
-    // The edge is closed: commit and acknowledge what is queued, then stop.
+    // The edge is closed: commit and acknowledge what is queued, keep everyone's
+    // last seen, then stop.
     message_service.shutdown().await;
+    presence_service.shutdown().await;
     tracing::info!("confab stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -176,6 +202,12 @@ fn validate(args: &ServeArgs) -> Result<(), String> {
     }
     if args.max_group_size < 2 || args.max_channel_size < 2 {
         return Err("--max-group-size and --max-channel-size must be at least 2".into());
+    }
+    if args.presence_window_ms < 100 || args.typing_ttl_ms < 100 || args.typing_per_minute == 0 {
+        return Err(
+            "presence window and typing ttl must be at least 100 ms, the typing rate positive"
+                .into(),
+        );
     }
     if args.access_ttl_secs == 0 || args.refresh_ttl_secs < args.access_ttl_secs {
         return Err("token lifetimes must be positive, refresh at least as long as access".into());

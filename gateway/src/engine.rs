@@ -14,18 +14,21 @@ use std::sync::Arc;
 use confab_common::bus::LiveEvent;
 use confab_proto::group::v1::{GetConversationRequest, GetMemberRequest};
 use confab_proto::message::v1::{SendRequest, SendResponse, SyncRequest, UpdateReceiptsRequest};
+use confab_proto::presence::v1::{
+    DisconnectRequest, HeartbeatRequest, QueryRequest, TypingRequest,
+};
 use confab_proto::session::v1::{RegisterDeviceRequest, UnregisterDeviceRequest};
 use confab_proto::v1::{
-    ClientFrame, CloseChannel, ConversationKind, Delivered, Done, Error as ErrorFrame, Hello,
-    MarkRead, OpenChannel, Pong, SendAck, SendMessage, ServerFrame, SyncComplete, Welcome,
-    client_frame, server_frame,
+    ClientFrame, CloseChannel, ConversationKind, Delivered, Done, Error as ErrorFrame, Event,
+    Heartbeat, Hello, MarkRead, OpenChannel, Pong, SendAck, SendMessage, ServerFrame, SyncComplete,
+    Typing, Welcome, client_frame, event, server_frame,
 };
 use futures::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::Gateway;
-use crate::hub::Kicked;
+use crate::hub::{Kicked, MAX_WATCHED_USERS};
 
 /// Events read per catch-up page.
 const SYNC_PAGE: u32 = 500;
@@ -179,7 +182,7 @@ impl Session {
         // The one client frame being answered. Frames are answered one at a time
         // in arrival order (a device's messages keep their order), while live
         // events keep flowing to the device during a send's commit.
-        let mut answering: Option<Pin<Box<dyn Future<Output = Option<ServerFrame>> + Send + '_>>> =
+        let mut answering: Option<Pin<Box<dyn Future<Output = Vec<ServerFrame>> + Send + '_>>> =
             None;
         loop {
             tokio::select! {
@@ -207,14 +210,14 @@ impl Session {
                         return End::SinkClosed;
                     }
                 }
-                reply = async { answering.as_mut().expect("guarded by is_some").await },
+                replies = async { answering.as_mut().expect("guarded by is_some").await },
                     if answering.is_some() =>
                 {
                     answering = None;
-                    if let Some(reply) = reply
-                        && sink.send(reply).await.is_err()
-                    {
-                        return End::SinkClosed;
+                    for reply in replies {
+                        if sink.send(reply).await.is_err() {
+                            return End::SinkClosed;
+                        }
                     }
                 }
                 incoming = inbound.next(), if answering.is_none() => {
@@ -279,40 +282,115 @@ impl Session {
         }
     }
 
-    /// Answers one client frame after the hello.
-    async fn handle(&self, client: ClientFrame) -> Option<ServerFrame> {
+    /// Answers one client frame after the hello (usually with one frame).
+    async fn handle(&self, client: ClientFrame) -> Vec<ServerFrame> {
         let reference = client.r#ref;
-        match client.kind {
-            Some(client_frame::Kind::Send(send)) => Some(self.send(reference, send).await),
-            Some(client_frame::Kind::Ping(ping)) => Some(frame(
+        let done = || frame(reference, server_frame::Kind::Done(Done {}));
+        let answer = match client.kind {
+            Some(client_frame::Kind::Send(send)) => self.send(reference, send).await,
+            Some(client_frame::Kind::Ping(ping)) => frame(
                 reference,
                 server_frame::Kind::Pong(Pong { nonce: ping.nonce }),
-            )),
+            ),
             Some(client_frame::Kind::Delivered(Delivered {
                 conversation_id,
                 up_to,
-            })) => Some(self.receipts(reference, conversation_id, up_to, 0).await),
+            })) => self.receipts(reference, conversation_id, up_to, 0).await,
             Some(client_frame::Kind::MarkRead(MarkRead {
                 conversation_id,
                 up_to,
-            })) => Some(self.receipts(reference, conversation_id, 0, up_to).await),
+            })) => self.receipts(reference, conversation_id, 0, up_to).await,
             Some(client_frame::Kind::OpenChannel(OpenChannel { conversation_id })) => {
-                Some(self.open_channel(reference, conversation_id).await)
+                self.open_channel(reference, conversation_id).await
             }
             Some(client_frame::Kind::CloseChannel(CloseChannel { conversation_id })) => {
                 let hub = &self.gateway.hub;
                 hub.close_channel(self.user_id, self.connection_id, conversation_id);
-                Some(frame(reference, server_frame::Kind::Done(Done {})))
+                done()
+            }
+            Some(client_frame::Kind::Heartbeat(Heartbeat {})) => match self.heartbeat().await {
+                Ok(()) => done(),
+                Err(status) => error_frame(reference, &status, false),
+            },
+            Some(client_frame::Kind::WatchPresence(watch)) => {
+                return self.watch_presence(reference, watch.user_ids).await;
+            }
+            Some(client_frame::Kind::Typing(Typing {
+                conversation_id,
+                typing,
+            })) => {
+                let request = TypingRequest {
+                    user_id: self.user_id,
+                    conversation_id,
+                    typing,
+                };
+                match self.gateway.presence.clone().typing(request).await {
+                    Ok(_) => done(),
+                    Err(status) => error_frame(reference, &status, false),
+                }
             }
             Some(client_frame::Kind::Hello(_)) => {
                 let status = Status::invalid_argument("hello was sent already");
-                Some(error_frame(reference, &status, false))
+                error_frame(reference, &status, false)
             }
             None => {
                 let status = Status::invalid_argument("empty frame");
-                Some(error_frame_reason(reference, &status, "malformed", false))
+                error_frame_reason(reference, &status, "malformed", false)
             }
+        };
+        vec![answer]
+    }
+
+    /// Follows the presence of `user_ids` (replacing the previous list): answers
+    /// with their current presence, as far as this user may see it, then `Done`.
+    ///
+    /// The watch is registered before the state is read, so that no change falls
+    /// between the snapshot and the live stream.
+    async fn watch_presence(&self, reference: u64, user_ids: Vec<i64>) -> Vec<ServerFrame> {
+        if user_ids.len() > MAX_WATCHED_USERS {
+            let status =
+                Status::invalid_argument(format!("watch at most {MAX_WATCHED_USERS} users"));
+            return vec![error_frame(reference, &status, false)];
         }
+        let query = || QueryRequest {
+            watcher_id: self.user_id,
+            user_ids: user_ids.clone(),
+        };
+        let mut presence = self.gateway.presence.clone();
+        let watchable = match presence.query(query()).await {
+            Ok(answer) => answer.into_inner().watchable_ids,
+            Err(status) => return vec![error_frame(reference, &status, false)],
+        };
+        let hub = &self.gateway.hub;
+        hub.watch_presence(self.user_id, self.connection_id, &watchable);
+        let snapshot = match presence.query(query()).await {
+            Ok(answer) => answer.into_inner().presences,
+            Err(status) => return vec![error_frame(reference, &status, false)],
+        };
+        let mut frames: Vec<ServerFrame> = snapshot
+            .into_iter()
+            .map(|presence| {
+                let event = Event {
+                    seq: 0,
+                    kind: Some(event::Kind::Presence(presence)),
+                };
+                frame(0, server_frame::Kind::Event(event))
+            })
+            .collect();
+        frames.push(frame(reference, server_frame::Kind::Done(Done {})));
+        frames
+    }
+
+    /// Tells presence-svc that this device is connected and in the foreground.
+    async fn heartbeat(&self) -> Result<(), Status> {
+        let request = HeartbeatRequest {
+            user_id: self.user_id,
+            device_id: self.device_id.clone(),
+            connection_id: self.connection_id,
+            node: self.gateway.config.node.clone(),
+        };
+        self.gateway.presence.clone().heartbeat(request).await?;
+        Ok(())
     }
 
     async fn send(&self, reference: u64, send: SendMessage) -> ServerFrame {
@@ -438,6 +516,10 @@ impl Session {
         if let Err(status) = self.gateway.sessions.clone().register_device(request).await {
             tracing::warn!(user_id = self.user_id, %status, "device registration failed");
         }
+        // A live connection is the first sign of presence.
+        if let Err(status) = self.heartbeat().await {
+            tracing::warn!(user_id = self.user_id, %status, "presence heartbeat failed");
+        }
     }
 
     /// Leaves the hub and session-svc.
@@ -459,6 +541,15 @@ impl Session {
             .await
         {
             tracing::warn!(user_id = self.user_id, %status, "device unregistration failed");
+        }
+        let request = DisconnectRequest {
+            user_id: self.user_id,
+            device_id: self.device_id.clone(),
+            connection_id: self.connection_id,
+            node: self.gateway.config.node.clone(),
+        };
+        if let Err(status) = self.gateway.presence.clone().disconnect(request).await {
+            tracing::warn!(user_id = self.user_id, %status, "presence disconnect failed");
         }
     }
 }

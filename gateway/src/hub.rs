@@ -1,9 +1,13 @@
-//! The live devices held by this node, and delivery of committed events to them.
+//! The live devices held by this node, and delivery of events to them.
 //!
 //! Every connection registers here with a bounded queue. Publishing never blocks:
 //! a device whose queue is full is disconnected as a slow consumer and resumes
 //! from its cursor when it reconnects, so no process ever buffers without limit
 //! (DESIGN.md section 2).
+//!
+//! Besides its user's events, a connection can follow *topics*: the channels it
+//! has open (their posts are fan-out on read) and the users whose presence it
+//! watches. Both are ephemeral and per connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,28 +37,39 @@ pub struct Registration {
     pub kicked: Arc<OnceLock<Kicked>>,
 }
 
+/// Something a connection follows besides its user's own events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Topic {
+    /// The posts of an open channel.
+    Channel(i64),
+    /// The presence of a user.
+    Presence(i64),
+}
+
 #[derive(Debug)]
 struct Slot {
     connection_id: u64,
     device_id: String,
     events: mpsc::Sender<Arc<LiveEvent>>,
     kicked: Arc<OnceLock<Kicked>>,
-    /// Channels this connection has open.
-    channels: Vec<i64>,
+    /// What this connection follows.
+    topics: Vec<Topic>,
 }
 
-/// The live devices of this node, by user, and the channels they have open.
+/// The live devices of this node, by user, and who follows which topic.
 #[derive(Debug, Default)]
 pub struct Hub {
     next_connection: AtomicU64,
     users: RwLock<HashMap<i64, Vec<Slot>>>,
-    /// Channel id -> the (user, connection) pairs that have it open. Channel posts
-    /// go only to these (DESIGN.md section 4: fan-out on read).
-    viewers: RwLock<HashMap<i64, HashSet<(i64, u64)>>>,
+    /// Topic -> the (user, connection) pairs that follow it. Lock order: `users`
+    /// before `followers`.
+    followers: RwLock<HashMap<Topic, HashSet<(i64, u64)>>>,
 }
 
 /// Channels one connection may have open at once.
 pub const MAX_OPEN_CHANNELS: usize = 32;
+/// Users one connection may watch the presence of.
+pub const MAX_WATCHED_USERS: usize = 256;
 
 impl Hub {
     /// Returns an empty hub.
@@ -73,7 +88,7 @@ impl Hub {
             device_id: device_id.to_owned(),
             events: sender,
             kicked: kicked.clone(),
-            channels: Vec::new(),
+            topics: Vec::new(),
         };
         let mut users = self.users.write();
         let slots = users.entry(user_id).or_default();
@@ -85,7 +100,7 @@ impl Hub {
         drop(users);
         if let Some(old) = replaced {
             let _ = old.kicked.set(Kicked::Replaced);
-            self.forget_viewer(user_id, old.connection_id, &old.channels);
+            self.unfollow(user_id, old.connection_id, &old.topics);
         }
         Registration {
             connection_id,
@@ -97,42 +112,42 @@ impl Hub {
     /// Sends the channel's posts to this connection from now on. Returns false
     /// when the connection has [`MAX_OPEN_CHANNELS`] open already.
     pub fn open_channel(&self, user_id: i64, connection_id: u64, channel_id: i64) -> bool {
-        let mut users = self.users.write();
-        let Some(slot) = users
-            .get_mut(&user_id)
-            .and_then(|slots| slots.iter_mut().find(|s| s.connection_id == connection_id))
-        else {
-            return false;
-        };
-        if !slot.channels.contains(&channel_id) {
-            if slot.channels.len() >= MAX_OPEN_CHANNELS {
-                return false;
-            }
-            slot.channels.push(channel_id);
+        let topic = Topic::Channel(channel_id);
+        let opened = self
+            .with_slot(user_id, connection_id, |slot| {
+                if slot.topics.contains(&topic) {
+                    return true;
+                }
+                let open = slot
+                    .topics
+                    .iter()
+                    .filter(|t| matches!(t, Topic::Channel(_)));
+                if open.count() >= MAX_OPEN_CHANNELS {
+                    return false;
+                }
+                slot.topics.push(topic);
+                true
+            })
+            .unwrap_or(false);
+        if opened {
+            self.follow(user_id, connection_id, &[topic]);
         }
-        self.viewers
-            .write()
-            .entry(channel_id)
-            .or_default()
-            .insert((user_id, connection_id));
-        true
+        opened
     }
 
     /// Stops sending the channel's posts to this connection.
     pub fn close_channel(&self, user_id: i64, connection_id: u64, channel_id: i64) {
-        let mut users = self.users.write();
-        if let Some(slot) = users
-            .get_mut(&user_id)
-            .and_then(|slots| slots.iter_mut().find(|s| s.connection_id == connection_id))
-        {
-            slot.channels.retain(|&c| c != channel_id);
-        }
-        self.forget_viewer(user_id, connection_id, &[channel_id]);
+        let topic = Topic::Channel(channel_id);
+        self.with_slot(user_id, connection_id, |slot| {
+            slot.topics.retain(|t| *t != topic)
+        });
+        self.unfollow(user_id, connection_id, &[topic]);
     }
 
     /// Closes a channel for every connection of a user who is no longer a
     /// subscriber.
     pub fn close_channel_for_user(&self, user_id: i64, channel_id: i64) {
+        let topic = Topic::Channel(channel_id);
         let connections: Vec<u64> = {
             let mut users = self.users.write();
             let Some(slots) = users.get_mut(&user_id) else {
@@ -140,25 +155,75 @@ impl Hub {
             };
             slots
                 .iter_mut()
-                .filter(|slot| slot.channels.contains(&channel_id))
+                .filter(|slot| slot.topics.contains(&topic))
                 .map(|slot| {
-                    slot.channels.retain(|&c| c != channel_id);
+                    slot.topics.retain(|t| *t != topic);
                     slot.connection_id
                 })
                 .collect()
         };
         for connection_id in connections {
-            self.forget_viewer(user_id, connection_id, &[channel_id]);
+            self.unfollow(user_id, connection_id, &[topic]);
         }
     }
 
-    fn forget_viewer(&self, user_id: i64, connection_id: u64, channels: &[i64]) {
-        let mut viewers = self.viewers.write();
-        for channel_id in channels {
-            if let Some(set) = viewers.get_mut(channel_id) {
+    /// Replaces the users whose presence this connection watches (at most
+    /// [`MAX_WATCHED_USERS`]; the rest are ignored).
+    pub fn watch_presence(&self, user_id: i64, connection_id: u64, watched: &[i64]) {
+        let new: Vec<Topic> = watched
+            .iter()
+            .take(MAX_WATCHED_USERS)
+            .map(|&id| Topic::Presence(id))
+            .collect();
+        let Some(old) = self.with_slot(user_id, connection_id, |slot| {
+            let old: Vec<Topic> = slot
+                .topics
+                .iter()
+                .copied()
+                .filter(|t| matches!(t, Topic::Presence(_)))
+                .collect();
+            slot.topics.retain(|t| !matches!(t, Topic::Presence(_)));
+            slot.topics.extend(new.iter().copied());
+            old
+        }) else {
+            return;
+        };
+        self.unfollow(user_id, connection_id, &old);
+        self.follow(user_id, connection_id, &new);
+    }
+
+    /// Runs `f` on a connection's slot, if it is still registered.
+    fn with_slot<T>(
+        &self,
+        user_id: i64,
+        connection_id: u64,
+        f: impl FnOnce(&mut Slot) -> T,
+    ) -> Option<T> {
+        let mut users = self.users.write();
+        let slot = users
+            .get_mut(&user_id)?
+            .iter_mut()
+            .find(|s| s.connection_id == connection_id)?;
+        Some(f(slot))
+    }
+
+    fn follow(&self, user_id: i64, connection_id: u64, topics: &[Topic]) {
+        let mut followers = self.followers.write();
+        for topic in topics {
+            followers
+                .entry(*topic)
+                .or_default()
+                .insert((user_id, connection_id));
+        }
+    }
+
+    fn unfollow(&self, user_id: i64, connection_id: u64, topics: &[Topic]) {
+        let mut followers = self.followers.write();
+        for topic in topics {
+            if let Some(set) = followers.get_mut(topic) {
                 set.remove(&(user_id, connection_id));
                 if set.is_empty() {
-                    viewers.remove(channel_id);
+                    followers.remove(topic);
                 }
             }
         }
@@ -167,17 +232,17 @@ impl Hub {
     /// Removes a connection; does nothing when it was replaced or kicked already.
     pub fn unregister(&self, user_id: i64, connection_id: u64) {
         let mut users = self.users.write();
-        let mut open = Vec::new();
+        let mut topics = Vec::new();
         if let Some(slots) = users.get_mut(&user_id) {
             if let Some(i) = slots.iter().position(|s| s.connection_id == connection_id) {
-                open = slots.swap_remove(i).channels;
+                topics = slots.swap_remove(i).topics;
             }
             if slots.is_empty() {
                 users.remove(&user_id);
             }
         }
         drop(users);
-        self.forget_viewer(user_id, connection_id, &open);
+        self.unfollow(user_id, connection_id, &topics);
     }
 
     /// Returns how many connections this node holds.
@@ -197,15 +262,15 @@ impl Hub {
                     let slot = slots.swap_remove(i);
                     let _ = slot.kicked.set(Kicked::SlowConsumer);
                     tracing::info!(user_id, connection_id, "disconnecting slow consumer");
-                    closed.push((user_id, connection_id, slot.channels));
+                    closed.push((user_id, connection_id, slot.topics));
                 }
                 if slots.is_empty() {
                     users.remove(&user_id);
                 }
             }
         }
-        for (user_id, connection_id, channels) in closed {
-            self.forget_viewer(user_id, connection_id, &channels);
+        for (user_id, connection_id, topics) in closed {
+            self.unfollow(user_id, connection_id, &topics);
         }
     }
 
@@ -222,25 +287,24 @@ impl LiveBus for Hub {
         let mut overflowed = Vec::new();
         {
             let users = self.users.read();
-            let viewers = self.viewers.read();
+            let followers = self.followers.read();
             for event in events {
-                match event.audience {
+                let topic = match event.audience {
                     Audience::User(user_id) => {
                         for slot in users.get(&user_id).into_iter().flatten() {
                             Self::offer(slot, user_id, event, &mut overflowed);
                         }
+                        continue;
                     }
-                    Audience::Channel(channel_id) => {
-                        for &(user_id, connection_id) in
-                            viewers.get(&channel_id).into_iter().flatten()
-                        {
-                            let slot = users.get(&user_id).and_then(|slots| {
-                                slots.iter().find(|s| s.connection_id == connection_id)
-                            });
-                            if let Some(slot) = slot {
-                                Self::offer(slot, user_id, event, &mut overflowed);
-                            }
-                        }
+                    Audience::Channel(channel_id) => Topic::Channel(channel_id),
+                    Audience::Watchers(user_id) => Topic::Presence(user_id),
+                };
+                for &(user_id, connection_id) in followers.get(&topic).into_iter().flatten() {
+                    let slot = users
+                        .get(&user_id)
+                        .and_then(|slots| slots.iter().find(|s| s.connection_id == connection_id));
+                    if let Some(slot) = slot {
+                        Self::offer(slot, user_id, event, &mut overflowed);
                     }
                 }
             }
@@ -332,7 +396,7 @@ mod tests {
         assert!(viewer.events.try_recv().is_err());
         assert!(hub.open_channel(1, viewer.connection_id, 77));
         hub.unregister(1, viewer.connection_id);
-        assert!(hub.viewers.read().is_empty());
+        assert!(hub.followers.read().is_empty());
     }
 
     /// A connection opens at most MAX_OPEN_CHANNELS channels.
@@ -348,6 +412,34 @@ mod tests {
             hub.open_channel(1, reg.connection_id, 0),
             "reopening is fine"
         );
+    }
+
+    /// Presence changes reach the connections watching that user; a new watch list
+    /// replaces the old one.
+    #[test]
+    fn presence_reaches_watchers() {
+        let hub = Hub::new();
+        let mut watcher = hub.register(1, "a", 8);
+        let mut other = hub.register(2, "b", 8);
+        hub.watch_presence(1, watcher.connection_id, &[5, 6]);
+        let change = |user_id| {
+            Arc::new(LiveEvent {
+                audience: Audience::Watchers(user_id),
+                event: Event { seq: 0, kind: None },
+                origin_device: None,
+                accepted_at: Instant::now(),
+            })
+        };
+        hub.publish(&[change(5), change(7)]);
+        assert!(watcher.events.try_recv().is_ok());
+        assert!(watcher.events.try_recv().is_err(), "7 is not watched");
+        assert!(other.events.try_recv().is_err());
+        hub.watch_presence(1, watcher.connection_id, &[7]);
+        hub.publish(&[change(5), change(7)]);
+        assert!(watcher.events.try_recv().is_ok());
+        assert!(watcher.events.try_recv().is_err(), "5 is no longer watched");
+        hub.unregister(1, watcher.connection_id);
+        assert!(hub.followers.read().is_empty());
     }
 
     /// A device that connects again replaces its older connection.

@@ -20,6 +20,7 @@ use confab_common::auth::TokenService;
 use confab_common::channel::GrpcChannel;
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::message::v1::messages_client::MessagesClient;
+use confab_proto::presence::v1::presences_client::PresencesClient;
 use confab_proto::session::v1::sessions_client::SessionsClient;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -82,6 +83,8 @@ pub struct Gateway {
     pub messages: MessagesClient<GrpcChannel>,
     /// The device registry.
     pub sessions: SessionsClient<GrpcChannel>,
+    /// Heartbeats, presence, typing, privacy.
+    pub presence: PresencesClient<GrpcChannel>,
     /// The live devices of this node; message-svc publishes into it.
     pub hub: Arc<Hub>,
     /// Renders `/metrics`; `None` serves an empty page.

@@ -67,6 +67,21 @@ impl GroupService {
     ) -> Result<Vec<Conversation>, GroupError> {
         self.inner.store.conversations_of(user_id).await
     }
+
+    /// Returns those of `others` who share a direct conversation or a group with
+    /// `user_id` (a channel does not count: its subscribers are an audience, not
+    /// contacts), ascending. Presence is visible only to them.
+    ///
+    /// # Errors
+    ///
+    /// Internal errors only.
+    pub(crate) async fn shared_with(
+        &self,
+        user_id: i64,
+        others: &[i64],
+    ) -> Result<Vec<i64>, GroupError> {
+        self.inner.store.shared_with(user_id, others).await
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use confab_proto::group::v1::{
     GetConversationRequest, GetMemberRequest, GetUserRequest, GetUsersRequest, GetUsersResponse,
     JoinRequest, ListConversationsRequest, ListConversationsResponse, ListMembersRequest,
     ListMembersResponse, MembershipChange as ProtoMembershipChange, OpenDirectRequest,
-    RemoveMemberRequest, SetRoleRequest, UpdateConversationRequest, VerifyPasswordRequest,
+    RemoveMemberRequest, SetRoleRequest, SharedWithRequest, SharedWithResponse,
+    UpdateConversationRequest, VerifyPasswordRequest,
 };
 use confab_proto::v1 as proto;
 use tonic::{Request, Response, Status};
@@ -254,6 +255,16 @@ impl Groups for GroupService {
             .await?;
         let members = members.into_iter().map(proto::Member::from).collect();
         Ok(Response::new(ListMembersResponse { members, has_more }))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn shared_with(
+        &self,
+        request: Request<SharedWithRequest>,
+    ) -> Result<Response<SharedWithResponse>, Status> {
+        let SharedWithRequest { user_id, other_ids } = request.into_inner();
+        let user_ids = self.shared_with(user_id, &other_ids).await?;
+        Ok(Response::new(SharedWithResponse { user_ids }))
     }
 }
 

@@ -241,6 +241,13 @@ impl Groups for FakeGroups {
     ) -> Result<Response<ListMembersResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn shared_with(
+        &self,
+        _: Request<SharedWithRequest>,
+    ) -> Result<Response<SharedWithResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Returns an in-process client of `fake`.

@@ -895,7 +895,9 @@ impl Writer {
                     });
                     (seq, kind)
                 }
-                (_, Audience::Channel(_)) => unreachable!("only channel posts go to channels"),
+                (_, Audience::Channel(_) | Audience::Watchers(_)) => {
+                    unreachable!("the writer addresses users and channels only")
+                }
             };
             events.push(Arc::new(LiveEvent {
                 audience: pending.audience,

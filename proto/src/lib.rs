@@ -2,7 +2,7 @@
 //!
 //! - [`v1`]: the public edge API (`Edge`, `Accounts`, `Conversations`) and the
 //!   types every service shares (`Message`, `Event`, ...).
-//! - [`group`], [`message`], [`session`]: the internal services. Their generated
+//! - [`group`], [`message`], [`session`], [`presence`]: the internal services. Their generated
 //!   traits are the interfaces of the services; callers use the generated clients.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection and the
 //!   proto3 JSON mapping.
@@ -35,6 +35,14 @@ pub mod session {
     /// Version 1 of the contract.
     pub mod v1 {
         tonic::include_proto!("confab.session.v1");
+    }
+}
+
+/// presence-svc (`confab.presence.v1`).
+pub mod presence {
+    /// Version 1 of the contract.
+    pub mod v1 {
+        tonic::include_proto!("confab.presence.v1");
     }
 }
 

@@ -4,8 +4,9 @@ use anyhow::{Context, Result};
 use confab_proto::v1::accounts_client::AccountsClient;
 use confab_proto::v1::conversations_client::ConversationsClient;
 use confab_proto::v1::{
-    AuthResponse, Conversation, CreateGroupRequest, HistoryRequest, HistoryResponse, LoginRequest,
-    MeRequest, OpenDirectRequest, RegisterRequest, User,
+    AuthResponse, Conversation, CreateGroupRequest, GetPresenceRequest, GetPrivacyRequest,
+    HistoryRequest, HistoryResponse, LastSeenVisibility, LoginRequest, MeRequest,
+    OpenDirectRequest, Presence, Privacy, RegisterRequest, User,
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -260,6 +261,64 @@ impl Server {
             .await
             .into_iter()
             .collect()
+    }
+}
+
+impl Server {
+    /// Returns an `Accounts` client acting as `account` (for the calls that
+    /// need a token: `Me`, privacy, presence).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server cannot be reached.
+    pub async fn accounts_as(&self, account: &Account) -> Result<AccountsClient<Authed>> {
+        let bearer = Bearer(Some(account.access_token.clone()));
+        Ok(AccountsClient::with_interceptor(
+            self.channel().await?,
+            bearer,
+        ))
+    }
+
+    /// Sets who may see `account`'s last seen; returns the setting the server
+    /// answers with.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses; the status is in the error chain.
+    pub async fn set_privacy(
+        &self,
+        account: &Account,
+        last_seen: LastSeenVisibility,
+    ) -> Result<LastSeenVisibility> {
+        let privacy = Privacy {
+            last_seen: last_seen as i32,
+        };
+        let mut client = self.accounts_as(account).await?;
+        Ok(client.set_privacy(privacy).await?.into_inner().last_seen())
+    }
+
+    /// Returns who may see `account`'s last seen.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses; the status is in the error chain.
+    pub async fn get_privacy(&self, account: &Account) -> Result<LastSeenVisibility> {
+        let mut client = self.accounts_as(account).await?;
+        let privacy = client.get_privacy(GetPrivacyRequest {}).await?;
+        Ok(privacy.into_inner().last_seen())
+    }
+
+    /// `Accounts.GetPresence` as `account`: the presences it may see.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server refuses; the status is in the error chain.
+    pub async fn get_presence(&self, account: &Account, user_ids: &[i64]) -> Result<Vec<Presence>> {
+        let request = GetPresenceRequest {
+            user_ids: user_ids.to_vec(),
+        };
+        let mut client = self.accounts_as(account).await?;
+        Ok(client.get_presence(request).await?.into_inner().presences)
     }
 }
 

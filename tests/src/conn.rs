@@ -5,9 +5,9 @@ use std::future::Future;
 
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
-    ClientFrame, CloseChannel, Delivered, Error as ErrorFrame, Event, Hello, MarkRead, Message,
-    OpenChannel, Ping, ReadState, Receipt, SendAck, SendMessage, ServerFrame, Welcome,
-    client_frame, event, server_frame,
+    ClientFrame, CloseChannel, Delivered, Error as ErrorFrame, Event, Heartbeat, Hello, MarkRead,
+    Message, OpenChannel, Ping, Presence, ReadState, Receipt, SendAck, SendMessage, ServerFrame,
+    Typing, TypingState, WatchPresence, Welcome, client_frame, event, server_frame,
 };
 
 use crate::WAIT;
@@ -318,6 +318,168 @@ impl<T: Transport> Conn<T> {
         let close = CloseChannel { conversation_id };
         self.expect_done("close channel", client_frame::Kind::CloseChannel(close))
             .await
+    }
+
+    /// `Heartbeat`, answered with `done`: keeps the user online.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn heartbeat(&mut self) -> Result<()> {
+        self.expect_done("heartbeat", client_frame::Kind::Heartbeat(Heartbeat {}))
+            .await
+    }
+
+    /// `WatchPresence { user_ids }` (replacing the previous list): returns the
+    /// snapshot, the presence events that came before the `done` answering it.
+    ///
+    /// Frames of other kinds stay queued. A live change of a user watched
+    /// before may arrive in the same window and is counted in as well; tests
+    /// watch at quiet moments.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers with an error frame.
+    pub async fn watch_presence(&mut self, user_ids: &[i64]) -> Result<Vec<Presence>> {
+        let watch = WatchPresence {
+            user_ids: user_ids.to_vec(),
+        };
+        let r#ref = self
+            .send_kind(client_frame::Kind::WatchPresence(watch))
+            .await?;
+        let mut snapshot = Vec::new();
+        loop {
+            let frame = self.recv_frame().await?;
+            if is_reply(&frame, r#ref) {
+                return match reply_of(frame)? {
+                    Reply::Done => Ok(snapshot),
+                    other => bail!("watch presence: expected done, got {other:?}"),
+                };
+            }
+            match frame.kind {
+                Some(server_frame::Kind::Event(Event {
+                    seq,
+                    kind: Some(event::Kind::Presence(presence)),
+                })) => {
+                    anyhow::ensure!(seq == 0, "a presence event with seq {seq}: {presence:?}");
+                    snapshot.push(presence);
+                }
+                _ => self.pending.push_back(frame),
+            }
+        }
+    }
+
+    /// `Typing { conversation_id, typing }`, answered with `done`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise.
+    pub async fn typing(&mut self, conversation_id: i64, typing: bool) -> Result<()> {
+        match self.typing_reply(conversation_id, typing).await? {
+            Reply::Done => Ok(()),
+            other => bail!("typing: expected done, got {other:?}"),
+        }
+    }
+
+    /// `Typing { conversation_id, typing }`; returns the server's answer.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the connection ends first.
+    pub async fn typing_reply(&mut self, conversation_id: i64, typing: bool) -> Result<Reply> {
+        let frame = Typing {
+            conversation_id,
+            typing,
+        };
+        self.request(client_frame::Kind::Typing(frame)).await
+    }
+
+    /// Returns the next presence event (seq 0); frames of other kinds are
+    /// skipped but stay queued, in order.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the connection ends or no presence event comes within [`WAIT`].
+    pub async fn next_presence(&mut self) -> Result<Presence> {
+        let event = self
+            .next_event_where("a presence event", |kind| {
+                matches!(kind, event::Kind::Presence(_))
+            })
+            .await?;
+        match event.kind {
+            Some(event::Kind::Presence(presence)) if event.seq == 0 => Ok(presence),
+            other => bail!(
+                "event {} is not an ephemeral presence: {other:?}",
+                event.seq
+            ),
+        }
+    }
+
+    /// Returns the next typing event (seq 0); frames of other kinds are skipped
+    /// but stay queued, in order.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the connection ends or no typing event comes within [`WAIT`].
+    pub async fn next_typing(&mut self) -> Result<TypingState> {
+        let event = self
+            .next_event_where("a typing event", |kind| {
+                matches!(kind, event::Kind::Typing(_))
+            })
+            .await?;
+        match event.kind {
+            Some(event::Kind::Typing(typing)) if event.seq == 0 => Ok(typing),
+            other => bail!("event {} is not an ephemeral typing: {other:?}", event.seq),
+        }
+    }
+
+    /// Returns the first event (queued or new) whose kind matches; every other
+    /// frame stays queued.
+    async fn next_event_where(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&event::Kind) -> bool,
+    ) -> Result<Event> {
+        let matches = |frame: &ServerFrame| match &frame.kind {
+            Some(server_frame::Kind::Event(Event {
+                kind: Some(kind), ..
+            })) => wanted(kind),
+            _ => false,
+        };
+        let queued = self.pending.iter().position(&matches);
+        let frame = match queued {
+            Some(index) => self
+                .pending
+                .remove(index)
+                .context("queued frame vanished")?,
+            None => loop {
+                let frame = self
+                    .recv_frame()
+                    .await
+                    .with_context(|| format!("waiting for {what}"))?;
+                if matches(&frame) {
+                    break frame;
+                }
+                self.pending.push_back(frame);
+            },
+        };
+        match frame.kind {
+            Some(server_frame::Kind::Event(event)) => Ok(event),
+            other => bail!("not an event: {other:?}"),
+        }
+    }
+
+    /// Queues `frames` ahead of those queued already (handed back by a helper
+    /// that read them first).
+    pub(crate) fn queue_front(&mut self, frames: Vec<ServerFrame>) {
+        for frame in frames.into_iter().rev() {
+            self.pending.push_front(frame);
+        }
+    }
+
+    /// Takes every frame queued so far (read while waiting for something else).
+    pub fn take_queued(&mut self) -> Vec<ServerFrame> {
+        self.pending.drain(..).collect()
     }
 
     /// Proves that nothing is on its way to this connection: a ping's pong comes

@@ -115,6 +115,28 @@ fn closed_by(status: &Status) -> Closed {
     }
 }
 
+impl Conn<GrpcTransport> {
+    /// Ends the device cleanly: half-closes the request stream and waits for
+    /// the server to end the call.
+    ///
+    /// The server ends the call only after it has retired the connection (hub,
+    /// sessions, presence), so whatever the close causes has happened by then.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the call does not end within [`crate::WAIT`], or ends with an
+    /// error status.
+    pub async fn close(mut self) -> Result<()> {
+        self.transport_mut().close_send();
+        let (_frames, closed) = self.expect_closed().await?;
+        anyhow::ensure!(
+            closed.grpc_code == Some(tonic::Code::Ok),
+            "the call ended with {closed:?}"
+        );
+        Ok(())
+    }
+}
+
 impl Server {
     /// Opens a gRPC stream as `account` (no hello yet).
     ///

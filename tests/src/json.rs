@@ -7,8 +7,9 @@
 use anyhow::{Context, Result, bail};
 use confab_proto::v1::{
     ClientFrame, Created, Done, Error as ErrorFrame, Event, MemberLeft, MemberRemoved,
-    MembersAdded, Message, MetadataChanged, Notice, Pong, ReadState, Receipt, Role, RoleChanged,
-    SendAck, ServerFrame, SyncComplete, Welcome, client_frame, event, notice, server_frame,
+    MembersAdded, Message, MetadataChanged, Notice, Pong, Presence, ReadState, Receipt, Role,
+    RoleChanged, SendAck, ServerFrame, SyncComplete, TypingState, Welcome, client_frame, event,
+    notice, server_frame,
 };
 use serde_json::{Map, Value, json};
 
@@ -55,6 +56,20 @@ pub fn client_frame(frame: &ClientFrame) -> Value {
         Some(client_frame::Kind::OpenChannel(open)) => {
             let body = json!({ "conversationId": open.conversation_id.to_string() });
             object.insert("openChannel".into(), body);
+        }
+        Some(client_frame::Kind::Heartbeat(_)) => {
+            object.insert("heartbeat".into(), json!({}));
+        }
+        Some(client_frame::Kind::WatchPresence(watch)) => {
+            let ids: Vec<String> = watch.user_ids.iter().map(i64::to_string).collect();
+            object.insert("watchPresence".into(), json!({ "userIds": ids }));
+        }
+        Some(client_frame::Kind::Typing(typing)) => {
+            let body = json!({
+                "conversationId": typing.conversation_id.to_string(),
+                "typing": typing.typing,
+            });
+            object.insert("typing".into(), body);
         }
         Some(client_frame::Kind::CloseChannel(close)) => {
             let body = json!({ "conversationId": close.conversation_id.to_string() });
@@ -130,7 +145,14 @@ pub fn server_frame(value: &Value) -> Result<ServerFrame> {
 
 /// Reads an event: a message, a receipt, a read state or a channel post.
 fn event_of(body: &Map<String, Value>) -> Result<Event> {
-    let kinds = ["message", "receipt", "readState", "channelPost"];
+    let kinds = [
+        "message",
+        "receipt",
+        "readState",
+        "channelPost",
+        "presence",
+        "typing",
+    ];
     let present: Vec<&str> = kinds
         .into_iter()
         .filter(|kind| body.contains_key(*kind))
@@ -147,6 +169,16 @@ fn event_of(body: &Map<String, Value>) -> Result<Event> {
                     user_id: int64(inner, "userId")?,
                     delivered_up_to: int64(inner, "deliveredUpTo")?,
                     read_up_to: int64(inner, "readUpTo")?,
+                }),
+                "presence" => event::Kind::Presence(Presence {
+                    user_id: int64(inner, "userId")?,
+                    online: boolean(inner, "online")?,
+                    last_seen_ms: int64(inner, "lastSeenMs")?,
+                }),
+                "typing" => event::Kind::Typing(TypingState {
+                    conversation_id: int64(inner, "conversationId")?,
+                    user_id: int64(inner, "userId")?,
+                    typing: boolean(inner, "typing")?,
                 }),
                 _ => event::Kind::ReadState(ReadState {
                     conversation_id: int64(inner, "conversationId")?,

@@ -10,7 +10,10 @@
 //!   `next_event` (and `next_receipt`, `next_read_state`, `next_channel_post`),
 //!   `expect_quiet` (a ping round trip with nothing before the pong), each
 //!   bounded by a timeout.
-//! - [`grpc`]: the gRPC `Edge.Stream` transport.
+//!   Presence and typing: `heartbeat`, `watch_presence` (the snapshot),
+//!   `typing`, `next_presence`, `next_typing`.
+//! - [`heartbeat`]: a connection that heartbeats on a timer while the test reads.
+//! - [`grpc`]: the gRPC `Edge.Stream` transport; `close` ends a device cleanly.
 //! - [`ws`]: the WebSocket transport, binary protobuf or proto3 JSON text.
 //! - [`json`]: the proto3 JSON mapping of the frames, written by hand so that it
 //!   checks the server's mapping instead of sharing it.
@@ -23,6 +26,7 @@ pub mod accounts;
 pub mod cli;
 pub mod conn;
 pub mod grpc;
+pub mod heartbeat;
 pub mod http;
 pub mod json;
 pub mod server;
@@ -34,6 +38,7 @@ use std::time::Duration;
 pub use accounts::{Account, PASSWORD};
 pub use conn::{Closed, Conn, Reply, Synced};
 pub use grpc::GrpcConn;
+pub use heartbeat::Heartbeating;
 pub use server::Server;
 pub use ws::{Encoding, WsAuth, WsConn};
 

@@ -4,6 +4,11 @@
 //!
 //! Messages it prints are acknowledged as delivered and, the chat being in the
 //! foreground, as read; receipts for your own messages print as `✓✓` lines.
+//!
+//! While it runs the app is in the foreground: it heartbeats every
+//! [`HEARTBEAT_PERIOD`]. In a direct chat it watches the peer's presence and
+//! prints `— bob is online` / `— bob was last seen HH:MM:SS` on changes; in any
+//! chat it prints `bob is typing…` when a member starts typing.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::ExitCode;
@@ -12,8 +17,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use confab_proto::v1::edge_client::EdgeClient;
 use confab_proto::v1::{
-    ClientFrame, ConversationKind, Delivered, Event, Hello, MarkRead, Message, OpenChannel,
-    Receipt, SendAck, SendMessage, ServerFrame, client_frame, event, server_frame,
+    ClientFrame, ConversationKind, Delivered, Event, Heartbeat, Hello, MarkRead, Message,
+    OpenChannel, Presence, Receipt, SendAck, SendMessage, ServerFrame, TypingState, WatchPresence,
+    client_frame, event, server_frame,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +30,9 @@ use super::show;
 
 /// How long the end of input waits for outstanding acks and echoes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a running chat tells the server the user is still here.
+const HEARTBEAT_PERIOD: Duration = Duration::from_secs(5);
 
 /// Frames queued towards the server.
 const OUTBOUND_QUEUE: usize = 64;
@@ -48,8 +57,9 @@ pub(super) async fn run(session: &mut Session, target: Target) -> anyhow::Result
         }
     };
     let me = session.login().user_id;
+    let mut peer_id = None;
     if let Target::Peer(peer) = &target {
-        let peer_id = conversation.member_ids.iter().copied().find(|id| *id != me);
+        peer_id = conversation.member_ids.iter().copied().find(|id| *id != me);
         if let Some(peer_id) = peer_id {
             session.remember(peer_id, peer)?;
         }
@@ -72,6 +82,10 @@ pub(super) async fn run(session: &mut Session, target: Target) -> anyhow::Result
         mine: BTreeSet::new(),
         watermarks: HashMap::new(),
         asked_names: HashSet::new(),
+        peer_id,
+        peer_presence: None,
+        typing: HashSet::new(),
+        background: HashSet::new(),
     };
     chat.run(session, outbound, inbound).await?;
     Ok(ExitCode::SUCCESS)
@@ -155,6 +169,15 @@ struct Chat {
     unechoed: HashSet<i64>,
     /// Own messages seen as events (an event may come before its ack).
     echoed: HashSet<i64>,
+    /// The other user of a direct chat, whose presence is watched.
+    peer_id: Option<i64>,
+    /// The peer's presence as last printed, to print changes only.
+    peer_presence: Option<(bool, i64)>,
+    /// Members shown as typing, so that a repeated "typing" prints once.
+    typing: HashSet<i64>,
+    /// `Heartbeat` and `WatchPresence` frames not answered yet: the end of
+    /// input does not wait for them.
+    background: HashSet<u64>,
 }
 
 impl Chat {
@@ -168,6 +191,9 @@ impl Chat {
         let mut input_open = true;
         let drain_deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(drain_deadline);
+        // Opening the connection counted as the first heartbeat.
+        let start = tokio::time::Instant::now() + HEARTBEAT_PERIOD;
+        let mut heartbeats = tokio::time::interval_at(start, HEARTBEAT_PERIOD);
         loop {
             if !input_open && self.settled() {
                 return Ok(());
@@ -186,6 +212,11 @@ impl Chat {
                         drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     }
                 },
+                _ = heartbeats.tick() => {
+                    let beat = client_frame::Kind::Heartbeat(Heartbeat {});
+                    let r#ref = self.send_frame(&outbound, beat).await?;
+                    self.background.insert(r#ref);
+                }
                 () = &mut drain_deadline => {
                     bail!("{} message(s) not confirmed by the server", self.unanswered.len() + self.unechoed.len());
                 }
@@ -281,6 +312,13 @@ impl Chat {
                     let r#ref = self.send_frame(outbound, open).await?;
                     self.marks.insert(r#ref);
                 }
+                if let Some(peer_id) = self.peer_id {
+                    let watch = client_frame::Kind::WatchPresence(WatchPresence {
+                        user_ids: vec![peer_id],
+                    });
+                    let r#ref = self.send_frame(outbound, watch).await?;
+                    self.background.insert(r#ref);
+                }
                 eprintln!(
                     "-- chatting with {}: type a line to send it, end input to quit --",
                     self.title
@@ -288,6 +326,10 @@ impl Chat {
             }
             Some(server_frame::Kind::Done(_)) => {
                 self.marks.remove(&frame.r#ref);
+                self.background.remove(&frame.r#ref);
+            }
+            Some(server_frame::Kind::Error(error)) if self.background.remove(&frame.r#ref) => {
+                eprintln!("presence not updated: {}", show::one_line(&error.message));
             }
             Some(server_frame::Kind::Error(error)) if self.marks.remove(&frame.r#ref) => {
                 eprintln!("receipt not sent: {}", show::one_line(&error.message));
@@ -331,6 +373,10 @@ impl Chat {
             {
                 self.on_receipt(session, receipt);
             }
+            Some(event::Kind::Presence(presence)) => self.on_presence(session, presence),
+            Some(event::Kind::Typing(typing)) if typing.conversation_id == self.conversation_id => {
+                self.on_typing(session, typing);
+            }
             _ => {}
         }
         if event.seq == 0 {
@@ -366,6 +412,34 @@ impl Chat {
             self.to_mark = Some(self.to_mark.map_or(message.id, |id| id.max(message.id)));
         }
         Ok(())
+    }
+
+    /// Prints the peer's presence when it differs from what was printed last.
+    fn on_presence(&mut self, session: &Session, presence: &Presence) {
+        if Some(presence.user_id) != self.peer_id {
+            return;
+        }
+        let state = (presence.online, presence.last_seen_ms);
+        if self.peer_presence.replace(state) == Some(state) {
+            return;
+        }
+        let name = session.name_of(presence.user_id);
+        println!("{}", super::presence::chat_line(&name, presence));
+    }
+
+    /// Prints `bob is typing…` when a member starts typing (once until they stop).
+    fn on_typing(&mut self, session: &Session, typing: &TypingState) {
+        if typing.user_id == self.me {
+            return;
+        }
+        if !typing.typing {
+            self.typing.remove(&typing.user_id);
+            return;
+        }
+        if self.typing.insert(typing.user_id) {
+            let name = show::one_line(&session.name_of(typing.user_id));
+            println!("{name} is typing…");
+        }
     }
 
     /// Prints `  ✓✓ #id delivered to bob` / `  ✓✓ #id read by bob` for each own

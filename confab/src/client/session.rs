@@ -196,6 +196,18 @@ impl Session {
         self.state_file.save(&self.state)
     }
 
+    /// The id of a user whose name is known already (no server call).
+    pub(super) fn known_user_id(&self, username: &str) -> Option<i64> {
+        if username == self.login().username {
+            return Some(self.login().user_id);
+        }
+        self.state
+            .names
+            .iter()
+            .find(|(_, name)| *name == username)
+            .map(|(id, _)| *id)
+    }
+
     /// Whether the name of `user_id` is known.
     pub(super) fn knows(&self, user_id: i64) -> bool {
         user_id == self.login().user_id || self.state.names.contains_key(&user_id)

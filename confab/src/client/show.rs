@@ -5,13 +5,18 @@ use tonic::{Code, Status};
 
 /// Returns `[HH:MM:SS]` of a server timestamp, in UTC.
 pub(super) fn clock(ms_since_epoch: i64) -> String {
+    format!("[{}]", time_of_day(ms_since_epoch))
+}
+
+/// Returns `HH:MM:SS` of a server timestamp, in UTC.
+pub(super) fn time_of_day(ms_since_epoch: i64) -> String {
     let seconds_of_day = ms_since_epoch.div_euclid(1000).rem_euclid(86_400);
     let (hours, minutes, seconds) = (
         seconds_of_day / 3600,
         seconds_of_day % 3600 / 60,
         seconds_of_day % 60,
     );
-    format!("[{hours:02}:{minutes:02}:{seconds:02}]")
+    format!("{hours:02}:{minutes:02}:{seconds:02}")
 }
 
 /// Returns `[HH:MM:SS] name: text` on one line.

@@ -1,9 +1,11 @@
-//! `Accounts`: register, log in, refresh, who am I.
+//! `Accounts`: register, log in, refresh, who am I; privacy and presence queries.
 
 use confab_proto::group::v1 as group;
+use confab_proto::presence::v1 as presence;
 use confab_proto::v1::accounts_server::Accounts;
 use confab_proto::v1::{
-    AuthResponse, LoginRequest, MeRequest, RefreshRequest, RegisterRequest, User,
+    AuthResponse, GetPresenceRequest, GetPresenceResponse, GetPrivacyRequest, LoginRequest,
+    MeRequest, Privacy, RefreshRequest, RegisterRequest, User,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -55,5 +57,44 @@ impl Accounts for EdgeApi {
     async fn me(&self, request: Request<MeRequest>) -> Result<Response<User>, Status> {
         let user_id = self.caller(&request).await?;
         Ok(Response::new(self.user(user_id).await?))
+    }
+
+    async fn set_privacy(&self, request: Request<Privacy>) -> Result<Response<Privacy>, Status> {
+        let user_id = self.caller(&request).await?;
+        let request = presence::SetPrivacyRequest {
+            user_id,
+            last_seen: request.into_inner().last_seen,
+        };
+        let answer = self.gateway.presence.clone().set_privacy(request).await?;
+        Ok(Response::new(Privacy {
+            last_seen: answer.into_inner().last_seen,
+        }))
+    }
+
+    async fn get_privacy(
+        &self,
+        request: Request<GetPrivacyRequest>,
+    ) -> Result<Response<Privacy>, Status> {
+        let user_id = self.caller(&request).await?;
+        let request = presence::GetPrivacyRequest { user_id };
+        let answer = self.gateway.presence.clone().get_privacy(request).await?;
+        Ok(Response::new(Privacy {
+            last_seen: answer.into_inner().last_seen,
+        }))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<GetPresenceRequest>,
+    ) -> Result<Response<GetPresenceResponse>, Status> {
+        let watcher_id = self.caller(&request).await?;
+        let request = presence::QueryRequest {
+            watcher_id,
+            user_ids: request.into_inner().user_ids,
+        };
+        let answer = self.gateway.presence.clone().query(request).await?;
+        Ok(Response::new(GetPresenceResponse {
+            presences: answer.into_inner().presences,
+        }))
     }
 }

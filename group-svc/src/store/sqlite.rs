@@ -134,6 +134,36 @@ impl SqliteStore {
         Ok(users)
     }
 
+    /// Returns those of `others` who share a direct conversation or a group (not
+    /// a channel) with `user_id`, ascending.
+    pub(crate) async fn shared_with(
+        &self,
+        user_id: i64,
+        others: &[i64],
+    ) -> Result<Vec<i64>, GroupError> {
+        let mut others = others.to_vec();
+        others.sort_unstable();
+        others.dedup();
+        let mut shared = Vec::new();
+        for chunk in others.chunks(IDS_PER_QUERY) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT DISTINCT theirs.user_id FROM members mine \
+                 JOIN conversations c ON c.id = mine.conversation_id AND c.kind <> 'channel' \
+                 JOIN members theirs ON theirs.conversation_id = mine.conversation_id \
+                 WHERE mine.user_id = ",
+            );
+            query.push_bind(user_id).push(" AND theirs.user_id IN (");
+            let mut list = query.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            query.push(") ORDER BY theirs.user_id");
+            let rows: Vec<(i64,)> = query.build_query_as().fetch_all(&self.pool).await?;
+            shared.extend(rows.into_iter().map(|(id,)| id));
+        }
+        Ok(shared)
+    }
+
     /// Returns the id of the direct conversation of `user_lo < user_hi`, if any.
     pub(crate) async fn direct_conversation(
         &self,

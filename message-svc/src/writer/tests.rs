@@ -63,11 +63,11 @@ fn hint(members: &[i64]) -> Arc<Snapshot> {
     })
 }
 
-/// Returns the user a live event is for; panics on channel posts.
+/// Returns the user a live event is for; panics on anything else.
 fn user_of(event: &LiveEvent) -> i64 {
     match event.audience {
         Audience::User(user_id) => user_id,
-        Audience::Channel(_) => panic!("a channel post"),
+        other => panic!("not a user's event: {other:?}"),
     }
 }
 

@@ -240,3 +240,59 @@ async fn cli_group_chat() -> Result<()> {
     alice_chat.quit().await?;
     Ok(())
 }
+
+/// `presence` prints online / last seen, `privacy` sets and shows who may see
+/// the last seen, and `chat` prints the peer's presence changes and who is typing.
+#[tokio::test]
+async fn cli_presence_privacy_and_typing() -> Result<()> {
+    let server = Server::start().await?;
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let alice = CliUser::new(&server, dirs.0.path());
+    let bob = CliUser::new(&server, dirs.1.path());
+    alice
+        .run_ok(&["register", "alice", "--password", "alice-password"])
+        .await?;
+    bob.run_ok(&["register", "bob", "--password", "bob-password"])
+        .await?;
+    let bob_account = server.login("bob", "bob-password").await?;
+
+    let shown = bob.run_ok(&["privacy"]).await?;
+    assert_eq!(shown.trim(), "last seen visible to: contacts", "{shown}");
+    let mut alice_chat = alice.chat("bob")?;
+    alice_chat.expect_line("— bob is offline").await?;
+    let bob_chat = bob.chat("alice")?;
+    alice_chat.expect_line("— bob is online").await?;
+    let listed = alice.run_ok(&["presence", "bob"]).await?;
+    assert_eq!(listed.trim(), "bob: online", "{listed}");
+
+    let (mut bob_conn, _) = server.grpc_synced(&bob_account, "typer", 0).await?;
+    let direct = server
+        .open_direct(
+            &bob_account,
+            &server.login("alice", "alice-password").await?,
+        )
+        .await?;
+    bob_conn.typing(direct, true).await?;
+    alice_chat.expect_line("bob is typing…").await?;
+    bob_conn.typing(direct, false).await?;
+    bob_conn.close().await?;
+
+    bob_chat.quit().await?;
+    let line = alice_chat.expect_line("— bob was last seen ").await?;
+    let time = line.trim_start_matches("— bob was last seen ");
+    assert!(
+        time.len() == 8 && time.as_bytes()[2] == b':' && time.as_bytes()[5] == b':',
+        "HH:MM:SS: {line:?}"
+    );
+    let listed = alice.run_ok(&["presence", "bob"]).await?;
+    assert_eq!(listed.trim(), format!("bob: last seen {time}"), "{listed}");
+
+    let set = bob.run_ok(&["privacy", "nobody"]).await?;
+    assert_eq!(set.trim(), "last seen visible to: nobody", "{set}");
+    let shown = bob.run_ok(&["privacy"]).await?;
+    assert_eq!(shown.trim(), "last seen visible to: nobody", "{shown}");
+    let listed = alice.run_ok(&["presence", "bob"]).await?;
+    assert_eq!(listed.trim(), "bob: offline", "last seen hidden: {listed}");
+    alice_chat.quit().await?;
+    Ok(())
+}

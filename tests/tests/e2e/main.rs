@@ -28,6 +28,7 @@ mod cli;
 mod groups;
 mod history;
 mod messaging;
+mod presence;
 mod robustness;
 
 /// Held by the tests that open hundreds of connections, so that no two of them
