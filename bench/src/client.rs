@@ -2,8 +2,13 @@
 //! of catch-up.
 
 use anyhow::Context as _;
+use confab_proto::v1::accounts_client::AccountsClient;
+use confab_proto::v1::conversations_client::ConversationsClient;
 use confab_proto::v1::edge_client::EdgeClient;
-use confab_proto::v1::{ClientFrame, Hello, ServerFrame, client_frame, server_frame};
+use confab_proto::v1::{
+    ClientFrame, Hello, MeRequest, OpenDirectRequest, SendAck, SendMessage, ServerFrame,
+    client_frame, server_frame,
+};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,23 +32,100 @@ pub(crate) async fn open(
     server: &str,
     token: &str,
 ) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
-    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
-    let (out, frames) = mpsc::channel(1024);
-    out.send(ClientFrame {
-        r#ref: 0,
-        kind: Some(client_frame::Kind::Hello(Hello {
-            token: String::new(),
-            device_id: "bench".into(),
-            cursor: 0,
-        })),
-    })
-    .await?;
-    let request = authorized(ReceiverStream::new(frames), token)?;
-    let mut inbound = EdgeClient::new(channel).stream(request).await?.into_inner();
+    let (out, mut inbound) = connect(server, token, "bench", 0).await?;
     loop {
         let frame = inbound.next().await.context("stream ended before sync")??;
         if let Some(server_frame::Kind::Synced(_)) = frame.kind {
             return Ok((out, inbound));
         }
     }
+}
+
+/// Opens a live connection for `device_id` that resumes after `cursor`, and
+/// returns at once: the caller reads the catch-up events and the `Synced` frame.
+pub(crate) async fn connect(
+    server: &str,
+    token: &str,
+    device_id: &str,
+    cursor: u64,
+) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
+    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    let (out, frames) = mpsc::channel(1024);
+    out.send(ClientFrame {
+        r#ref: 0,
+        kind: Some(client_frame::Kind::Hello(Hello {
+            token: String::new(),
+            device_id: device_id.into(),
+            cursor,
+        })),
+    })
+    .await?;
+    let request = authorized(ReceiverStream::new(frames), token)?;
+    let inbound = EdgeClient::new(channel).stream(request).await?.into_inner();
+    Ok((out, inbound))
+}
+
+/// Returns an HS256 token for `subject`, as an app's identity provider would mint.
+pub(crate) fn mint(secret: &str, subject: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({ "sub": subject, "exp": exp });
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}
+
+/// Mints a token for an external user and returns it with the user's id
+/// (the first authenticated call creates the user).
+pub(crate) async fn external_user(
+    channel: &Channel,
+    secret: &str,
+    subject: &str,
+) -> anyhow::Result<(String, i64)> {
+    let token = mint(secret, subject)?;
+    let me = AccountsClient::new(channel.clone())
+        .me(authorized(MeRequest {}, &token)?)
+        .await?
+        .into_inner();
+    Ok((token, me.id))
+}
+
+/// Sends one message through the unary `Conversations.Send`; a refusal of the
+/// server's per-user rate limit is retried after the wait it names (run the
+/// server with raised `--send-per-second`/`--send-burst` to measure it, not them).
+pub(crate) async fn send_unary(
+    client: &mut ConversationsClient<Channel>,
+    message: SendMessage,
+    token: &str,
+) -> anyhow::Result<SendAck> {
+    loop {
+        match client.send(authorized(message.clone(), token)?).await {
+            Ok(ack) => return Ok(ack.into_inner()),
+            Err(status) => {
+                let wait_ms = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+                let Some(wait_ms) = wait_ms else {
+                    return Err(status.into());
+                };
+                tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            }
+        }
+    }
+}
+
+/// Opens a direct conversation between two users and returns its id.
+pub(crate) async fn direct(channel: &Channel, token: &str, peer_id: i64) -> anyhow::Result<i64> {
+    let request = OpenDirectRequest {
+        user_id: peer_id,
+        username: String::new(),
+    };
+    let conversation = ConversationsClient::new(channel.clone())
+        .open_direct(authorized(request, token)?)
+        .await?
+        .into_inner();
+    Ok(conversation.id)
 }

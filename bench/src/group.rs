@@ -16,15 +16,16 @@ use confab_proto::v1::{
     ClientFrame, CreateGroupRequest, MeRequest, SendMessage, client_frame, event, server_frame,
 };
 use hdrhistogram::Histogram;
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::client::{Inbound, authorized, open};
-use crate::one_to_one::ms;
+use crate::client::{Inbound, authorized, mint, open};
+use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the group scenario.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize)]
 pub(crate) struct Args {
     /// Members of the group, the sender included.
     #[arg(long, default_value_t = 100)]
@@ -34,11 +35,12 @@ pub(crate) struct Args {
     messages: usize,
     /// The server's `--external-jwt-secret`.
     #[arg(long, env = "CONFAB_EXTERNAL_JWT_SECRET")]
+    #[serde(skip)]
     external_secret: String,
 }
 
 /// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(args.members >= 2, "a group needs two members");
     let channel = Channel::from_shared(server.to_owned())?.connect().await?;
     let run_id: u32 = rand::random();
@@ -120,14 +122,25 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
         args.messages,
         deliveries / elapsed
     );
+    let figures = Figures {
+        receivers: others,
+        deliveries_per_s: deliveries / elapsed,
+        send_to_last_member: Percentiles::of(&fanout),
+    };
     println!(
-        "  send->last member  p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
-        ms(fanout.value_at_quantile(0.50)),
-        ms(fanout.value_at_quantile(0.90)),
-        ms(fanout.value_at_quantile(0.99)),
-        ms(fanout.max()),
+        "  send->last member  {}",
+        figures.send_to_last_member.line()
     );
-    Ok(())
+    RunResult::new("group", &args, &figures)
+}
+
+/// What the group scenario measured.
+#[derive(Debug, Serialize)]
+struct Figures {
+    receivers: usize,
+    deliveries_per_s: f64,
+    /// From the send until the last other member has the message.
+    send_to_last_member: Percentiles,
 }
 
 /// Forwards the id of every message this member receives.
@@ -154,16 +167,4 @@ async fn acked(inbound: &mut Inbound) -> anyhow::Result<i64> {
             _ => {}
         }
     }
-}
-
-/// Returns an HS256 token for `subject`, as an app's identity provider would mint.
-fn mint(secret: &str, subject: &str) -> anyhow::Result<String> {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    let claims = serde_json::json!({ "sub": subject, "exp": exp });
-    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
-    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
 }

@@ -16,14 +16,16 @@ use confab_proto::v1::{
     ClientFrame, OpenDirectRequest, RegisterRequest, SendMessage, client_frame, event, server_frame,
 };
 use hdrhistogram::Histogram;
+use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
 use crate::client::{authorized, open};
+use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the one-to-one scenario.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize)]
 pub(crate) struct Args {
     /// Sender/receiver pairs, each with its own conversation.
     #[arg(long, default_value_t = 50)]
@@ -52,18 +54,14 @@ impl Recorder {
 }
 
 /// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     let channel = Channel::from_shared(server.to_owned())?
         .connect()
         .await
         .context("cannot connect to the server")?;
     let run_id: u32 = rand::random();
-    let per_pair = args.rate as f64 / args.pairs as f64;
-    let total_per_pair = (per_pair * args.seconds as f64).round() as u64;
-    anyhow::ensure!(
-        per_pair > 0.0 && total_per_pair > 0,
-        "rate too low for this many pairs"
-    );
+    let (interval, total_per_pair) = schedule(args.rate, args.pairs, args.seconds)?;
+    let per_pair = 1.0 / interval.as_secs_f64();
     let recorder = Arc::new(Mutex::new(Recorder::new()?));
     let epoch = Instant::now();
 
@@ -81,7 +79,7 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
     for pair in pairs {
         tasks.push(tokio::spawn(pair.run(
             server.to_owned(),
-            Duration::from_secs_f64(1.0 / per_pair),
+            interval,
             total_per_pair,
             epoch,
             recorder.clone(),
@@ -100,22 +98,43 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<()> {
         delivered,
         delivered as f64 / elapsed
     );
-    for (name, histogram) in [("sent", &recorder.sent), ("delivered", &recorder.delivered)] {
-        println!(
-            "  send->{name:<9} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  p99.9 {:>8.2} ms  max {:>8.2} ms",
-            ms(histogram.value_at_quantile(0.50)),
-            ms(histogram.value_at_quantile(0.90)),
-            ms(histogram.value_at_quantile(0.99)),
-            ms(histogram.value_at_quantile(0.999)),
-            ms(histogram.max()),
-        );
-    }
-    Ok(())
+    let figures = Figures {
+        delivered,
+        delivered_per_s: delivered as f64 / elapsed,
+        sent: Percentiles::of(&recorder.sent),
+        delivered_latency: Percentiles::of(&recorder.delivered),
+    };
+    println!("  send->sent      {}", figures.sent.line());
+    println!("  send->delivered {}", figures.delivered_latency.line());
+    RunResult::new("one-to-one", &args, &figures)
 }
 
-/// Returns microseconds as milliseconds.
-pub(crate) fn ms(micros: u64) -> f64 {
-    micros as f64 / 1000.0
+/// What the one-to-one scenario measured.
+#[derive(Debug, Serialize)]
+struct Figures {
+    delivered: u64,
+    delivered_per_s: f64,
+    /// From the scheduled send to the *sent* acknowledgement.
+    sent: Percentiles,
+    /// From the scheduled send to the arrival at the peer.
+    delivered_latency: Percentiles,
+}
+
+/// Returns each pair's send interval and message count for `rate` messages per
+/// second spread evenly over `pairs` for `seconds`.
+///
+/// # Errors
+///
+/// Fails when the rate leaves a pair nothing to send.
+pub(crate) fn schedule(rate: u64, pairs: usize, seconds: u64) -> anyhow::Result<(Duration, u64)> {
+    anyhow::ensure!(pairs > 0, "need at least one pair");
+    let per_pair = rate as f64 / pairs as f64;
+    let count = (per_pair * seconds as f64).round() as u64;
+    anyhow::ensure!(
+        per_pair > 0.0 && count > 0,
+        "rate too low for this many pairs"
+    );
+    Ok((Duration::from_secs_f64(1.0 / per_pair), count))
 }
 
 /// One sender and one receiver in one direct conversation.
@@ -233,5 +252,24 @@ impl Pair {
         recorder.sent.add(&sent)?;
         recorder.delivered.add(&delivered)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_spread_evenly_over_the_pairs() {
+        let (interval, count) = schedule(2_000, 50, 10).unwrap();
+        assert_eq!(interval, Duration::from_millis(25));
+        assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn a_rate_that_leaves_a_pair_nothing_to_send_is_refused() {
+        assert!(schedule(0, 10, 10).is_err());
+        assert!(schedule(1, 100, 10).is_err());
+        assert!(schedule(10, 0, 10).is_err());
     }
 }

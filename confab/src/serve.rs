@@ -93,6 +93,49 @@ pub(crate) struct ServeArgs {
     /// How long shutdown waits for connections and calls to finish, in seconds.
     #[arg(long, env = "CONFAB_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Abuse limits; boxed, as the largest block, to keep the command enum small.
+    #[command(flatten)]
+    limits: Box<LimitArgs>,
+}
+
+/// Abuse limits of the edge (issue 7): rates, connections, origins, idle time.
+#[derive(Debug, clap::Args)]
+pub(crate) struct LimitArgs {
+    /// Messages one user may send at once, over all their devices.
+    #[arg(long, env = "CONFAB_SEND_BURST", default_value_t = 30)]
+    send_burst: u32,
+    /// Messages one user may send per second, sustained.
+    #[arg(long, env = "CONFAB_SEND_PER_SECOND", default_value_t = 10)]
+    send_per_second: u32,
+    /// Live connections (WebSocket, gRPC stream) one user may hold.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    max_connections_per_user: usize,
+    /// Live connections one remote IP address may hold.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    max_connections_per_ip: usize,
+    /// Failed logins per username, and per address, within a minute before
+    /// further attempts are refused until the minute has passed.
+    #[arg(long, env = "CONFAB_LOGIN_FAILURES_PER_MINUTE", default_value_t = 10)]
+    login_failures_per_minute: u32,
+    /// Groups and channels one user may create per minute.
+    #[arg(long, env = "CONFAB_CREATIONS_PER_MINUTE", default_value_t = 30)]
+    creations_per_minute: u32,
+    /// Users one user may add to conversations per minute.
+    #[arg(long, env = "CONFAB_INVITATIONS_PER_MINUTE", default_value_t = 300)]
+    invitations_per_minute: u32,
+    /// Browser origins allowed to open a WebSocket, comma-separated (`*`: any);
+    /// upgrades without an Origin header (native clients) always pass.
+    #[arg(
+        long,
+        env = "CONFAB_WS_ALLOWED_ORIGINS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
+    ws_allowed_origins: Vec<String>,
+    /// A WebSocket silent (no frame, no pong) this long is closed; the server
+    /// pings after half of it. In seconds.
+    #[arg(long, env = "CONFAB_WS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    ws_idle_timeout_secs: u64,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -163,6 +206,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             node: args.node.clone(),
             max_frame_bytes: args.max_frame_bytes,
             grace: Duration::from_secs(args.shutdown_grace_secs),
+            send_burst: args.limits.send_burst,
+            send_per_second: args.limits.send_per_second,
+            max_connections_per_user: args.limits.max_connections_per_user,
+            max_connections_per_ip: args.limits.max_connections_per_ip,
+            login_failures_per_minute: args.limits.login_failures_per_minute,
+            creations_per_minute: args.limits.creations_per_minute,
+            invitations_per_minute: args.limits.invitations_per_minute,
+            ws_allowed_origins: args.limits.ws_allowed_origins.clone(),
+            ws_idle_timeout: Duration::from_secs(args.limits.ws_idle_timeout_secs),
             ..GatewayConfig::default()
         },
         tokens,
@@ -214,6 +266,31 @@ fn validate(args: &ServeArgs) -> Result<(), String> {
     }
     if args.external_jwt_secret.is_some() && args.external_jwt_public_key.is_some() {
         return Err("give one of --external-jwt-secret and --external-jwt-public-key".into());
+    }
+    if args.limits.send_burst == 0 || args.limits.send_per_second == 0 {
+        return Err("--send-burst and --send-per-second must be positive".into());
+    }
+    if args.limits.max_connections_per_user == 0 || args.limits.max_connections_per_ip == 0 {
+        return Err(
+            "--max-connections-per-user and --max-connections-per-ip must be positive".into(),
+        );
+    }
+    if args.limits.login_failures_per_minute == 0
+        || args.limits.creations_per_minute == 0
+        || args.limits.invitations_per_minute == 0
+    {
+        return Err("login failures, creations and invitations per minute must be positive".into());
+    }
+    if args
+        .limits
+        .ws_allowed_origins
+        .iter()
+        .any(|o| o.trim().is_empty())
+    {
+        return Err("--ws-allowed-origins has an empty entry".into());
+    }
+    if args.limits.ws_idle_timeout_secs < 2 {
+        return Err("--ws-idle-timeout-secs must be at least 2".into());
     }
     if args.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
         return Err("--jwt-secret must be at least 16 bytes".into());

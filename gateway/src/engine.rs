@@ -29,6 +29,7 @@ use tonic::{Code, Status};
 
 use crate::Gateway;
 use crate::hub::{Kicked, MAX_WATCHED_USERS};
+use crate::limits::Limits;
 
 /// Events read per catch-up page.
 const SYNC_PAGE: u32 = 500;
@@ -42,12 +43,19 @@ pub(crate) enum Inbound {
     Malformed(String),
     /// A frame over the size limit; the transport closes after it.
     TooLarge,
+    /// Nothing arrived for half the idle timeout: the transport's sink probes
+    /// the peer (a WebSocket ping).
+    Quiet,
+    /// Nothing arrived for the whole idle timeout; the connection ends.
+    Idle,
 }
 
 /// Where the engine writes frames; each transport encodes its own way.
 pub(crate) trait FrameSink: Send {
     /// Writes one frame; fails once the peer is gone.
     fn send(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Asks the peer for a sign of life (after [`Inbound::Quiet`]).
+    fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
 }
 
 /// Why a connection ended.
@@ -67,6 +75,8 @@ pub(crate) enum End {
     Replaced,
     /// The server is shutting down.
     Shutdown,
+    /// Nothing arrived from the peer for the idle timeout.
+    Idle,
 }
 
 /// Runs one connection until it ends. `user_id` is set when the transport
@@ -74,6 +84,7 @@ pub(crate) enum End {
 /// token.
 pub(crate) async fn run<I, S>(
     gateway: Arc<Gateway>,
+    limits: Arc<Limits>,
     closing: CancellationToken,
     user_id: Option<i64>,
     mut inbound: I,
@@ -84,7 +95,7 @@ where
     S: FrameSink,
 {
     let hello = tokio::select! {
-        first = tokio::time::timeout(gateway.config.hello_timeout, inbound.next()) => first,
+        first = tokio::time::timeout(gateway.config.hello_timeout, first_frame(&mut inbound, sink)) => first,
         () = closing.cancelled() => return End::Shutdown,
     };
     let (reference, hello) = match hello {
@@ -93,6 +104,7 @@ where
             kind: Some(client_frame::Kind::Hello(hello)),
         }))) => (r#ref, hello),
         Ok(Some(Inbound::TooLarge)) => return End::TooLarge,
+        Ok(Some(Inbound::Idle)) => return End::Idle,
         Ok(None) => return End::ClientClosed,
         Ok(Some(_)) | Err(_) => {
             let status = Status::invalid_argument("the first frame must be a hello");
@@ -114,6 +126,13 @@ where
         let _ = sink.send(error_frame(reference, &status, true)).await;
         return End::Refused;
     }
+    // Checked again here for a token that came in the hello, and for connections
+    // that raced past the transport's check.
+    if let Err(status) = user_has_room(&gateway, &limits, user_id, &hello.device_id) {
+        let reply = error_frame_reason(reference, &status, "too_many_connections", true);
+        let _ = sink.send(reply).await;
+        return End::Refused;
+    }
 
     let registration = gateway
         .hub
@@ -121,6 +140,7 @@ where
     metrics::gauge!("confab_gateway_connections").increment(1.0);
     let session = Session {
         gateway: gateway.clone(),
+        limits,
         user_id,
         device_id: hello.device_id.clone(),
         connection_id: registration.connection_id,
@@ -141,9 +161,50 @@ where
     end
 }
 
+/// Returns the first inbound item that is not [`Inbound::Quiet`], probing the
+/// peer on each of those.
+async fn first_frame<I, S>(inbound: &mut I, sink: &mut S) -> Option<Inbound>
+where
+    I: Stream<Item = Inbound> + Unpin + Send,
+    S: FrameSink,
+{
+    loop {
+        match inbound.next().await {
+            Some(Inbound::Quiet) => {
+                if sink.probe().await.is_err() {
+                    return None;
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Checks that `user_id` may open one more connection (of `device_id`) here.
+///
+/// # Errors
+///
+/// RESOURCE_EXHAUSTED when the user holds `--max-connections-per-user` already.
+pub(crate) fn user_has_room(
+    gateway: &Gateway,
+    limits: &Limits,
+    user_id: i64,
+    device_id: &str,
+) -> Result<(), Status> {
+    if gateway.hub.connections_of(user_id, device_id) >= limits.max_per_user {
+        return Err(Status::resource_exhausted(format!(
+            "at most {} live connections per user",
+            limits.max_per_user
+        )));
+    }
+    Ok(())
+}
+
 /// One authenticated device connection.
 struct Session {
     gateway: Arc<Gateway>,
+    /// Rates per user; sends take from them.
+    limits: Arc<Limits>,
     user_id: i64,
     device_id: String,
     connection_id: u64,
@@ -224,6 +285,12 @@ impl Session {
                     match incoming {
                         None => return End::ClientClosed,
                         Some(Inbound::TooLarge) => return End::TooLarge,
+                        Some(Inbound::Idle) => return End::Idle,
+                        Some(Inbound::Quiet) => {
+                            if sink.probe().await.is_err() {
+                                return End::SinkClosed;
+                            }
+                        }
                         Some(Inbound::Malformed(why)) => {
                             let status = Status::invalid_argument(format!("malformed frame: {why}"));
                             let reply = error_frame_reason(0, &status, "malformed", false);
@@ -394,6 +461,9 @@ impl Session {
     }
 
     async fn send(&self, reference: u64, send: SendMessage) -> ServerFrame {
+        if let Err(status) = self.limits.send(self.user_id) {
+            return error_frame(reference, &status, false);
+        }
         let request = SendRequest {
             sender_id: self.user_id,
             sender_device: self.device_id.clone(),
@@ -584,8 +654,11 @@ fn frame(reference: u64, kind: server_frame::Kind) -> ServerFrame {
 }
 
 /// Returns the machine-readable reason of a status code.
-pub(crate) fn reason(code: Code) -> &'static str {
-    match code {
+pub(crate) fn reason(status: &Status) -> &'static str {
+    if crate::limits::is_rate_limited(status) {
+        return "rate_limited";
+    }
+    match status.code() {
         Code::NotFound => "not_found",
         Code::ResourceExhausted => "too_large",
         Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => "bad_request",
@@ -599,7 +672,7 @@ pub(crate) fn reason(code: Code) -> &'static str {
 }
 
 fn error_frame(reference: u64, status: &Status, fatal: bool) -> ServerFrame {
-    error_frame_reason(reference, status, reason(status.code()), fatal)
+    error_frame_reason(reference, status, reason(status), fatal)
 }
 
 fn error_frame_reason(reference: u64, status: &Status, reason: &str, fatal: bool) -> ServerFrame {

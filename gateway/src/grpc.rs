@@ -6,8 +6,10 @@
 mod accounts;
 mod conversations;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use axum::extract::ConnectInfo;
 use confab_common::auth::TokenType;
 use confab_proto::group::v1 as group;
 use confab_proto::v1::edge_server::Edge;
@@ -20,17 +22,28 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::Gateway;
 use crate::engine::{self, End, FrameSink, Inbound};
+use crate::limits::Limits;
 
 /// Implements the three edge services over one [`Gateway`].
 #[derive(Debug, Clone)]
 pub(crate) struct EdgeApi {
     gateway: Arc<Gateway>,
+    /// Abuse limits, shared with the WebSocket transport.
+    limits: Arc<Limits>,
     closing: CancellationToken,
 }
 
 impl EdgeApi {
-    pub(crate) fn new(gateway: Arc<Gateway>, closing: CancellationToken) -> Self {
-        Self { gateway, closing }
+    pub(crate) fn new(
+        gateway: Arc<Gateway>,
+        limits: Arc<Limits>,
+        closing: CancellationToken,
+    ) -> Self {
+        Self {
+            gateway,
+            limits,
+            closing,
+        }
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<i64, Status> {
@@ -75,6 +88,19 @@ impl FrameSink for GrpcSink {
     async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
         self.0.send(Ok(frame)).await.map_err(|_| ())
     }
+
+    /// HTTP/2 keeps its own pings; the inbound stream never reports quiet.
+    async fn probe(&mut self) -> Result<(), ()> {
+        Ok(())
+    }
+}
+
+/// Returns the remote address of a request served through the router.
+fn peer<T>(request: &Request<T>) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip())
 }
 
 #[tonic::async_trait]
@@ -86,6 +112,15 @@ impl Edge for EdgeApi {
         request: Request<Streaming<ClientFrame>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let user_id = self.caller(&request).await?;
+        // Refused before the stream opens; the device id comes later, with the
+        // hello, so every connection of the user counts here.
+        let slot = match peer(&request) {
+            Some(address) => Some(self.limits.connection_slot(address).ok_or_else(|| {
+                Status::resource_exhausted("too many connections from this address")
+            })?),
+            None => None,
+        };
+        engine::user_has_room(&self.gateway, &self.limits, user_id, "")?;
         let inbound = request
             .into_inner()
             .take_while(|item| std::future::ready(!matches!(item, Err(s) if is_end(s))))
@@ -102,10 +137,14 @@ impl Edge for EdgeApi {
             .boxed();
         let (sender, receiver) = mpsc::channel(self.gateway.config.outbound_queue);
         let gateway = self.gateway.clone();
+        let limits = self.limits.clone();
         let closing = self.closing.clone();
         tokio::spawn(async move {
             let mut sink = GrpcSink(sender);
-            let end = engine::run(gateway, closing, Some(user_id), inbound, &mut sink).await;
+            let end =
+                engine::run(gateway, limits, closing, Some(user_id), inbound, &mut sink).await;
+            // The address's slot is held for the stream's whole life.
+            drop(slot);
             let status = match end {
                 End::TooLarge => Some(Status::resource_exhausted("frame too large")),
                 End::Shutdown => Some(Status::unavailable("server shutting down")),

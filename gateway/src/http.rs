@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 
 use crate::grpc::EdgeApi;
+use crate::limits::Limits;
 use crate::{Gateway, GatewayError};
 
 /// What the HTTP handlers share.
@@ -21,6 +22,8 @@ pub(crate) struct AppState {
     pub(crate) gateway: Arc<Gateway>,
     /// Cancelled when the server shuts down; live connections end on it.
     pub(crate) closing: CancellationToken,
+    /// Abuse limits shared by every transport.
+    pub(crate) limits: Arc<Limits>,
 }
 
 /// Flips every edge service to NOT_SERVING on shutdown, so that load balancers
@@ -44,9 +47,10 @@ impl Health {
 /// Builds the router and the health reporter.
 pub(crate) fn router(
     gateway: Arc<Gateway>,
+    limits: Arc<Limits>,
     closing: CancellationToken,
 ) -> Result<(Router, Health), GatewayError> {
-    let api = EdgeApi::new(gateway.clone(), closing.clone());
+    let api = EdgeApi::new(gateway.clone(), limits.clone(), closing.clone());
     let max = gateway.config.max_frame_bytes;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Every service starts SERVING: the stores are open before the listener is.
@@ -61,7 +65,11 @@ pub(crate) fn router(
             .add_service(health_service)
             .add_service(reflection)
             .into_axum_router();
-    let state = AppState { gateway, closing };
+    let state = AppState {
+        gateway,
+        closing,
+        limits,
+    };
     let http = Router::new()
         .route("/v1/ws", get(crate::ws::upgrade))
         .route("/metrics", get(metrics))

@@ -245,6 +245,14 @@ impl Hub {
         self.unfollow(user_id, connection_id, &topics);
     }
 
+    /// Returns how many live connections `user_id` holds on this node besides
+    /// one of `device_id` (which a new connection of that device would replace).
+    pub fn connections_of(&self, user_id: i64, device_id: &str) -> usize {
+        self.users.read().get(&user_id).map_or(0, |slots| {
+            slots.iter().filter(|s| s.device_id != device_id).count()
+        })
+    }
+
     /// Returns how many connections this node holds.
     pub fn connections(&self) -> usize {
         self.users.read().values().map(Vec::len).sum()

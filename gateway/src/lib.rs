@@ -10,6 +10,8 @@
 //! - `json`: the proto3 JSON mapping of frames.
 //! - `grpc`: the gRPC edge services (`Edge`, `Accounts`, `Conversations`).
 //! - `http`: the router that puts everything on one port, `/metrics`, `/healthz`.
+//! - `limits`: abuse limits (rates per user, failed logins, connections per
+//!   address, WebSocket origins).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ mod grpc;
 mod http;
 pub mod hub;
 mod json;
+mod limits;
 mod ws;
 
 pub use error::GatewayError;
@@ -54,6 +57,27 @@ pub struct GatewayConfig {
     pub hello_timeout: Duration,
     /// How long shutdown waits for connections to close.
     pub grace: Duration,
+    /// Messages one user may send at once, over all their devices.
+    pub send_burst: u32,
+    /// Messages one user may send per second, sustained.
+    pub send_per_second: u32,
+    /// Live connections one user may hold on this node.
+    pub max_connections_per_user: usize,
+    /// Live connections one remote address may hold.
+    pub max_connections_per_ip: usize,
+    /// Failed logins per username, and per address, within a minute before
+    /// further attempts are refused until the minute has passed.
+    pub login_failures_per_minute: u32,
+    /// Groups and channels one user may create per minute.
+    pub creations_per_minute: u32,
+    /// Users one user may add to conversations per minute.
+    pub invitations_per_minute: u32,
+    /// Browser origins allowed to open a WebSocket; `*` allows any. Upgrades
+    /// without an `Origin` (native clients) always pass.
+    pub ws_allowed_origins: Vec<String>,
+    /// A WebSocket from which nothing (no frame, no pong) arrived for this long
+    /// is closed; the server pings after half of it.
+    pub ws_idle_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -65,6 +89,15 @@ impl Default for GatewayConfig {
             outbound_queue: 64,
             hello_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            send_burst: 30,
+            send_per_second: 10,
+            max_connections_per_user: 32,
+            max_connections_per_ip: 1000,
+            login_failures_per_minute: 10,
+            creations_per_minute: 30,
+            invitations_per_minute: 300,
+            ws_allowed_origins: vec!["*".to_owned()],
+            ws_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -105,7 +138,9 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let grace = gateway.config.grace;
     let closing = CancellationToken::new();
-    let (router, health) = http::router(Arc::new(gateway), closing.clone())?;
+    let limits = Arc::new(limits::Limits::new(&gateway.config));
+    tokio::spawn(prune(limits.clone(), closing.clone()));
+    let (router, health) = http::router(Arc::new(gateway), limits, closing.clone())?;
     let stop_accepting = closing.clone();
     // Small frames (acks, events) must leave at once: without TCP_NODELAY, Nagle's
     // algorithm meets the peer's delayed ACK and holds them for tens of ms.
@@ -114,7 +149,9 @@ pub async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    // The peer address feeds the limits per address (WebSocket and gRPC alike).
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         shutdown.await;
         health.set_not_serving().await;
         // Live connections end on this token; axum then waits for them to close.
@@ -129,4 +166,15 @@ pub async fn serve(
         }
     };
     result.map_err(Into::into)
+}
+
+/// Forgets idle rate state every minute until the server closes.
+async fn prune(limits: Arc<limits::Limits>, closing: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = closing.cancelled() => return,
+            _ = every.tick() => limits.prune(),
+        }
+    }
 }

@@ -5,18 +5,25 @@
 //! latest frame. The token comes in the `Authorization: Bearer` header or the
 //! `access_token` query parameter (refused with 401 before the upgrade), or, when
 //! neither is present, in the `Hello`.
+//!
+//! Before the upgrade: a browser's `Origin` must be on the allow-list (403), and
+//! the address and the user must have a connection to spare (429). After it,
+//! the server pings a quiet client and closes one silent for the idle timeout.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use confab_proto::v1::{ClientFrame, ServerFrame};
 use futures::stream::SplitSink;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{SinkExt as _, Stream, StreamExt as _};
 use prost::Message as _;
+use tokio::time::Instant;
 
 use crate::engine::{self, End, FrameSink, Inbound};
 use crate::http::AppState;
@@ -31,10 +38,29 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// Upgrades to a WebSocket after checking a token given at the upgrade.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // A page of another site must not ride on the user's cookies or network
+    // position; native clients send no Origin.
+    let origin = headers.get(axum::http::header::ORIGIN);
+    if let Some(origin) = origin {
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|origin| state.limits.origin_allowed(origin));
+        if !allowed {
+            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        }
+    }
+    let Some(slot) = state.limits.connection_slot(peer.ip()) else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address",
+        )
+            .into_response();
+    };
     let header_token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -52,6 +78,14 @@ pub(crate) async fn upgrade(
         }
         None => None,
     };
+    if let Some(user_id) = user_id {
+        // No device id yet: every connection of the user counts.
+        if let Err(status) =
+            crate::engine::user_has_room(&state.gateway, &state.limits, user_id, "")
+        {
+            return (StatusCode::TOO_MANY_REQUESTS, status.message().to_owned()).into_response();
+        }
+    }
     let max = state.gateway.config.max_frame_bytes;
     upgrade
         .read_buffer_size(READ_BUFFER)
@@ -59,17 +93,26 @@ pub(crate) async fn upgrade(
         .max_write_buffer_size(WRITE_BUFFER.max(max) * 4)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection(state, user_id, socket))
+        .on_upgrade(move |socket| async move {
+            connection(state, user_id, socket).await;
+            // The address's slot is held for the connection's whole life.
+            drop(slot);
+        })
 }
 
 async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
     let (sink, stream) = socket.split();
     // The format of the client's latest data frame; the replies follow it.
     let text = Arc::new(AtomicBool::new(false));
+    let idle = state.gateway.config.ws_idle_timeout;
     let inbound = {
         let text = text.clone();
-        stream
-            .map(move |message| decode(message, &text))
+        watch_idle(stream, idle)
+            .map(move |read| match read {
+                Read::Message(message) => decode(message, &text),
+                Read::Quiet => Step::Yield(Inbound::Quiet),
+                Read::Idle => Step::Yield(Inbound::Idle),
+            })
             .take_while(|step| std::future::ready(!matches!(step, Step::Stop)))
             .filter_map(|step| {
                 std::future::ready(match step {
@@ -80,7 +123,15 @@ async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
             .boxed()
     };
     let mut sink = WsSink { sink, text };
-    let end = engine::run(state.gateway, state.closing, user_id, inbound, &mut sink).await;
+    let end = engine::run(
+        state.gateway,
+        state.limits,
+        state.closing,
+        user_id,
+        inbound,
+        &mut sink,
+    )
+    .await;
     let (code, reason) = match end {
         End::ClientClosed | End::SinkClosed => (close_code::NORMAL, ""),
         End::Refused => (close_code::POLICY, "refused"),
@@ -88,12 +139,59 @@ async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
         End::SlowConsumer => (close_code::AGAIN, "too slow; resync from your cursor"),
         End::Replaced => (close_code::POLICY, "replaced by a newer connection"),
         End::Shutdown => (close_code::AWAY, "server shutting down"),
+        End::Idle => (close_code::AWAY, "idle timeout"),
     };
     let close = Message::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }));
     let _ = sink.sink.send(close).await;
+}
+
+/// What the idle watch saw on the socket.
+enum Read {
+    /// A message (a ping or pong included: any of them is a sign of life).
+    Message(Result<Message, axum::Error>),
+    /// Nothing for half the idle timeout: time to ping.
+    Quiet,
+    /// Nothing for the whole idle timeout; the stream ends after this.
+    Idle,
+}
+
+/// Reads `socket`, reporting silence: [`Read::Quiet`] every `idle / 2` without a
+/// message, then [`Read::Idle`] once nothing arrived for `idle`.
+fn watch_idle<S>(socket: S, idle: Duration) -> impl Stream<Item = Read> + Send
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+{
+    let probe_every = idle / 2;
+    let now = Instant::now();
+    // (socket, last message, next probe, done)
+    let state = (socket, now, now + probe_every, false);
+    futures::stream::unfold(
+        state,
+        move |(mut socket, last, next_probe, done)| async move {
+            if done {
+                return None;
+            }
+            let deadline = next_probe.min(last + idle);
+            match tokio::time::timeout_at(deadline, socket.next()).await {
+                Ok(Some(message)) => {
+                    let now = Instant::now();
+                    let read = Read::Message(message);
+                    Some((read, (socket, now, now + probe_every, false)))
+                }
+                Ok(None) => None,
+                Err(_) if Instant::now() >= last + idle => {
+                    Some((Read::Idle, (socket, last, next_probe, true)))
+                }
+                Err(_) => {
+                    let next = Instant::now() + probe_every;
+                    Some((Read::Quiet, (socket, last, next, false)))
+                }
+            }
+        },
+    )
 }
 
 /// What one WebSocket message means to the engine.
@@ -156,5 +254,10 @@ impl FrameSink for WsSink {
             Message::Binary(frame.encode_to_vec().into())
         };
         self.sink.send(message).await.map_err(|_| ())
+    }
+
+    async fn probe(&mut self) -> Result<(), ()> {
+        let ping = Message::Ping(bytes::Bytes::new());
+        self.sink.send(ping).await.map_err(|_| ())
     }
 }

@@ -167,6 +167,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.data_dir())
             .args(&self.args)
+            .args(raised_limits(&self.args))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -236,4 +237,22 @@ pub fn confab_bin() -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// Rate limits every test server gets raised unless the test sets its own: the
+/// functional tests send and invite at machine speed, far beyond a person's
+/// rate; `security.rs` pins the limits themselves with small values.
+const RAISED_LIMITS: [(&str, &str); 3] = [
+    ("--send-burst", "1000000"),
+    ("--send-per-second", "1000000"),
+    ("--invitations-per-minute", "100000000"),
+];
+
+/// Returns the [`RAISED_LIMITS`] flags that `args` does not set.
+fn raised_limits(args: &[String]) -> Vec<&'static str> {
+    RAISED_LIMITS
+        .iter()
+        .filter(|(flag, _)| !args.iter().any(|arg| arg == flag))
+        .flat_map(|(flag, value)| [*flag, *value])
+        .collect()
 }

@@ -148,7 +148,25 @@ fn upgrade_request(
 ///
 /// Fails when the server cannot be reached at all.
 pub async fn upgrade_status(server: &Server, auth: WsAuth<'_>) -> Result<u16> {
-    let request = upgrade_request(server, auth)?;
+    upgrade_status_from(server, auth, None).await
+}
+
+/// Returns the HTTP status of an upgrade sent as a browser page of `origin`
+/// would send it (no `Origin` header with `None`, as native clients do).
+///
+/// # Errors
+///
+/// Fails when the server cannot be reached at all.
+pub async fn upgrade_status_from(
+    server: &Server,
+    auth: WsAuth<'_>,
+    origin: Option<&str>,
+) -> Result<u16> {
+    let mut request = upgrade_request(server, auth)?;
+    if let Some(origin) = origin {
+        let value = origin.parse().context("origin is not a header value")?;
+        request.headers_mut().insert(http::header::ORIGIN, value);
+    }
     match tokio_tungstenite::connect_async(request).await {
         Ok((_socket, response)) => Ok(response.status().as_u16()),
         Err(tungstenite::Error::Http(response)) => Ok(response.status().as_u16()),

@@ -27,10 +27,23 @@ impl Accounts for EdgeApi {
         &self,
         request: Request<LoginRequest>,
     ) -> Result<Response<AuthResponse>, Status> {
+        let address = super::peer(&request);
         let LoginRequest { username, password } = request.into_inner();
-        let request = group::VerifyPasswordRequest { username, password };
-        let user = self.gateway.groups.clone().verify_password(request).await?;
-        Ok(Response::new(self.auth_response(user.into_inner())))
+        // Checked before the password: once throttled, even the right one waits.
+        self.limits.login_allowed(&username, address)?;
+        let request = group::VerifyPasswordRequest {
+            username: username.clone(),
+            password,
+        };
+        match self.gateway.groups.clone().verify_password(request).await {
+            Ok(user) => Ok(Response::new(self.auth_response(user.into_inner()))),
+            Err(status) => {
+                if matches!(status.code(), Code::Unauthenticated | Code::NotFound) {
+                    self.limits.login_failed(&username, address);
+                }
+                Err(status)
+            }
+        }
     }
 
     async fn refresh(

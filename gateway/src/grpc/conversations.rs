@@ -283,6 +283,7 @@ impl Conversations for EdgeApi {
 
     async fn send(&self, request: Request<SendMessage>) -> Result<Response<SendAck>, Status> {
         let user_id = self.caller(&request).await?;
+        self.limits.send(user_id)?;
         let SendMessage {
             conversation_id,
             client_msg_id,
@@ -310,6 +311,7 @@ impl Conversations for EdgeApi {
         request: Request<CreateGroupRequest>,
     ) -> Result<Response<Conversation>, Status> {
         let user_id = self.caller(&request).await?;
+        self.limits.creation(user_id)?;
         let CreateGroupRequest {
             name,
             member_ids,
@@ -326,6 +328,7 @@ impl Conversations for EdgeApi {
         request: Request<CreateChannelRequest>,
     ) -> Result<Response<Conversation>, Status> {
         let user_id = self.caller(&request).await?;
+        self.limits.creation(user_id)?;
         let CreateChannelRequest {
             name,
             topic,
@@ -356,6 +359,7 @@ impl Conversations for EdgeApi {
             conversation_id,
             user_ids,
         } = request.into_inner();
+        self.limits.invitations(actor_id, user_ids.len())?;
         let request = group::AddMembersRequest {
             conversation_id,
             actor_id,
