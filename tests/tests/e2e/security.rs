@@ -436,3 +436,72 @@ fn parse_frames(mut bytes: &[u8]) -> Result<Vec<(u8, Vec<u8>)>> {
     }
     Ok(frames)
 }
+
+/// A test-only Ed25519 key pair (made with openssl for these tests).
+const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEdK+xiVTqpSgsde9jLhnUsxr/RBYKQI7gFczsPPQy8A\n-----END PRIVATE KEY-----\n";
+const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA6HXBeaw3aL+WMOFzdm5xQleLrYSuAdIZJxEbMYDkitE=\n-----END PUBLIC KEY-----\n";
+
+/// Tokens that try to dodge the signature check are refused before any work:
+/// `alg: none` with a real payload, an HS256 token signed with the configured
+/// Ed25519 public key as its secret (key confusion), and an external token for
+/// another audience; a properly signed external token passes, so the refusals
+/// are not an accident of configuration.
+#[tokio::test]
+async fn forged_tokens_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("idp.pub.pem");
+    std::fs::write(&key_file, ED_PUBLIC)?;
+    let key_path = key_file.to_string_lossy().into_owned();
+    let server = Server::start_with(&[
+        "--external-jwt-public-key",
+        &key_path,
+        "--external-jwt-audience",
+        "confab-app",
+    ])
+    .await?;
+    let alice = server.register("alice").await?;
+
+    // alg none: the header swapped, the payload kept, the signature dropped.
+    let payload = alice
+        .access_token
+        .split('.')
+        .nth(1)
+        .context("a jwt has a payload")?;
+    let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0"; // {"alg":"none","typ":"JWT"}
+    let unsigned = format!("{none_header}.{payload}.");
+
+    let exp = now_secs() + 600;
+    let claims = |aud: &str| json!({"sub": "mallory", "aud": aud, "exp": exp});
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims("confab-app"),
+        &jsonwebtoken::EncodingKey::from_secret(ED_PUBLIC.as_bytes())?,
+    )?;
+    let ed_key = jsonwebtoken::EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes())?;
+    let ed_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    let other_audience = jsonwebtoken::encode(&ed_header, &claims("another-app"), &ed_key)?;
+    let genuine = jsonwebtoken::encode(&ed_header, &claims("confab-app"), &ed_key)?;
+
+    for (what, token) in [
+        ("alg none", &unsigned),
+        ("key confusion", &confused),
+        ("wrong audience", &other_audience),
+    ] {
+        let mut client = server.conversations_with(Some(token)).await?;
+        let status = client
+            .list(ListConversationsRequest::default())
+            .await
+            .expect_err(what);
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::Unauthenticated, "invalid or expired token"),
+            "{what}: {status:?}"
+        );
+    }
+    let mut client = server.conversations_with(Some(&genuine)).await?;
+    client
+        .list(ListConversationsRequest::default())
+        .await
+        .context("a genuine external token is accepted")?;
+    Ok(())
+}
