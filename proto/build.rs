@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Small initial buffers per call and stream: see src/codec.rs.
+        .codec_path("crate::codec::SmallCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -81,12 +81,21 @@ impl EdgeApi {
     }
 }
 
+/// What the engine queues towards a gRPC stream. Frames are boxed: the queue's
+/// first block of slots is allocated with it, and 32 slots of 8 bytes cost far less
+/// per idle connection than 32 slots of a whole frame (about 6.5 KiB).
+type Queued = Result<Box<ServerFrame>, Status>;
+
+/// The response stream of a live connection.
+type FrameStream =
+    futures::stream::Map<ReceiverStream<Queued>, fn(Queued) -> Result<ServerFrame, Status>>;
+
 /// The gRPC side of a live connection: frames go into the response stream.
-struct GrpcSink(mpsc::Sender<Result<ServerFrame, Status>>);
+struct GrpcSink(mpsc::Sender<Queued>);
 
 impl FrameSink for GrpcSink {
     async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
-        self.0.send(Ok(frame)).await.map_err(|_| ())
+        self.0.send(Ok(Box::new(frame))).await.map_err(|_| ())
     }
 
     /// HTTP/2 keeps its own pings; the inbound stream never reports quiet.
@@ -105,7 +114,7 @@ fn peer<T>(request: &Request<T>) -> Option<IpAddr> {
 
 #[tonic::async_trait]
 impl Edge for EdgeApi {
-    type StreamStream = ReceiverStream<Result<ServerFrame, Status>>;
+    type StreamStream = FrameStream;
 
     async fn stream(
         &self,
@@ -154,7 +163,8 @@ impl Edge for EdgeApi {
                 let _ = sink.0.send(Err(status)).await;
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        let unbox: fn(Queued) -> Result<ServerFrame, Status> = |queued| queued.map(|frame| *frame);
+        Ok(Response::new(ReceiverStream::new(receiver).map(unbox)))
     }
 }
 

@@ -4,10 +4,13 @@
 //!   types every service shares (`Message`, `Event`, ...).
 //! - [`group`], [`message`], [`session`], [`presence`]: the internal services. Their generated
 //!   traits are the interfaces of the services; callers use the generated clients.
+//! - [`codec`]: the prost codec the generated code uses, with small buffers.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection and the
 //!   proto3 JSON mapping.
 
 #![allow(unreachable_pub, missing_debug_implementations)]
+
+pub mod codec;
 
 /// Public edge API and shared types (`confab.v1`).
 pub mod v1 {
