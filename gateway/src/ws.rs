@@ -261,3 +261,67 @@ impl FrameSink for WsSink {
         self.sink.send(ping).await.map_err(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use confab_proto::v1::{SendMessage, client_frame};
+
+    use super::*;
+
+    fn send_frame() -> ClientFrame {
+        ClientFrame {
+            r#ref: 9,
+            kind: Some(client_frame::Kind::Send(SendMessage {
+                conversation_id: 1 << 40,
+                client_msg_id: "m-1".into(),
+                text: "héllo".into(),
+            })),
+        }
+    }
+
+    /// A binary frame decodes to the client frame it encodes, and the replies
+    /// switch to binary.
+    #[test]
+    fn binary_frame_round_trips() {
+        let text = AtomicBool::new(true);
+        let bytes = send_frame().encode_to_vec();
+        let step = decode(Ok(Message::Binary(bytes.into())), &text);
+        let Step::Yield(Inbound::Frame(frame)) = step else {
+            panic!("not a frame");
+        };
+        assert_eq!(frame, send_frame());
+        assert!(!text.load(Ordering::Relaxed));
+    }
+
+    /// A text frame is read as proto3 JSON, and the replies switch to text.
+    #[test]
+    fn text_frame_is_json() {
+        let text = AtomicBool::new(false);
+        let json = r#"{"ref":"9","send":{"conversationId":"1099511627776","clientMsgId":"m-1","text":"héllo"}}"#;
+        let step = decode(Ok(Message::Text(json.into())), &text);
+        let Step::Yield(Inbound::Frame(frame)) = step else {
+            panic!("not a frame");
+        };
+        assert_eq!(frame, send_frame());
+        assert!(text.load(Ordering::Relaxed));
+    }
+
+    /// Undecodable bytes and text are answered as malformed, not fatal; control
+    /// frames are left to the WebSocket layer; a close ends the stream.
+    #[test]
+    fn malformed_and_control_frames() {
+        let text = AtomicBool::new(false);
+        let garbage = decode(Ok(Message::Binary(vec![0xff, 0xff, 0xff].into())), &text);
+        assert!(matches!(garbage, Step::Yield(Inbound::Malformed(_))));
+        let bad_json = decode(Ok(Message::Text("{\"send\":".into())), &text);
+        assert!(matches!(bad_json, Step::Yield(Inbound::Malformed(_))));
+        assert!(matches!(
+            decode(Ok(Message::Ping(Vec::new().into())), &text),
+            Step::Skip
+        ));
+        assert!(matches!(
+            decode(Ok(Message::Close(None)), &text),
+            Step::Stop
+        ));
+    }
+}
