@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "confab/message/v1/message.proto",
     "confab/session/v1/session.proto",
     "confab/presence/v1/presence.proto",
+    "confab/bus/v1/bus.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,8 +8,11 @@
 //!   gateway nodes that hold the recipients' devices.
 //! - [`channel`]: the one channel type every internal gRPC client uses, in process
 //!   or over a socket.
+//! - [`nats_bus`]: the live bus of the distributed mode, over NATS (publisher
+//!   and the gateway node's subscription).
 //! - [`db`]: opening SQLite databases with the pragmas durability needs.
 //! - [`telemetry`]: tracing subscriber and Prometheus recorder set-up.
+//! - `testkit` (feature `testkit`): real nats-server and PostgreSQL for tests.
 
 pub mod auth;
 pub mod bus;
@@ -17,7 +20,10 @@ pub mod channel;
 pub mod db;
 pub mod error;
 pub mod ids;
+pub mod nats_bus;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use error::ErrorCode;
 

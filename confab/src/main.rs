@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client;
+mod migrate;
 mod serve;
 
 /// Confab: a real-time chat backend.
@@ -21,6 +22,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// A command-line chat client.
     Client(client::ClientArgs),
+    /// Creates or updates the PostgreSQL schema of the distributed mode.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Client(args) => runtime.block_on(client::run(args)),
+        Command::Migrate(args) => runtime.block_on(migrate::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -1,9 +1,12 @@
 //! `confab serve`: composes the roles into one process.
 //!
-//! The embedded mode (the only one so far) runs every role here: group-svc and
-//! message-svc on SQLite files in the data directory, session-svc in memory, and
-//! the gateway on the one listening port. The services call each other through
-//! their generated gRPC clients over in-process channels.
+//! The embedded mode (`--roles all`, the default) runs every role here: group-svc
+//! and message-svc on SQLite files in the data directory, session-svc in memory,
+//! and the gateway on the one listening port. The services call each other
+//! through their generated gRPC clients over in-process channels. Any other
+//! `--roles` is the distributed mode ([`distributed`]).
+
+mod distributed;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,25 @@ use confab_session_svc::SessionService;
 
 /// Exit status for a configuration that cannot be used (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+
+/// A role a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Role {
+    /// Every role in one process, on SQLite: the embedded mode.
+    All,
+    /// The edge: WebSocket, gRPC, live connections.
+    Gateway,
+    /// The send path, the log's partitions, history, sync, receipts.
+    Message,
+    /// The device registry (NATS KV).
+    Session,
+    /// Users, conversations, membership (PostgreSQL).
+    Group,
+    /// Heartbeats, online and last seen, typing.
+    Presence,
+    /// Push notifications (not built yet).
+    Notify,
+}
 
 /// Arguments of `confab serve`; every one also reads a `CONFAB_*` variable.
 #[derive(Debug, clap::Args)]
@@ -96,6 +118,81 @@ pub(crate) struct ServeArgs {
     /// Abuse limits; boxed, as the largest block, to keep the command enum small.
     #[command(flatten)]
     limits: Box<LimitArgs>,
+    /// Roles and the distributed mode's connections; boxed like `limits`.
+    #[command(flatten)]
+    cluster: Box<ClusterArgs>,
+}
+
+/// Which roles run here and, in the distributed mode, how they reach NATS,
+/// PostgreSQL and each other (issue 5).
+#[derive(Debug, clap::Args)]
+pub(crate) struct ClusterArgs {
+    /// Roles of this process, comma-separated: gateway, message, session, group,
+    /// presence; `all` (the default) is the embedded mode.
+    #[arg(
+        long,
+        env = "CONFAB_ROLES",
+        default_value = "all",
+        value_delimiter = ','
+    )]
+    roles: Vec<Role>,
+    /// NATS server (JetStream enabled) of the distributed mode.
+    #[arg(long, env = "CONFAB_NATS_URL")]
+    nats_url: Option<String>,
+    /// PostgreSQL database of the group and message roles.
+    #[arg(long, env = "CONFAB_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// Most PostgreSQL connections of this process.
+    #[arg(long, env = "CONFAB_POSTGRES_MAX_CONNECTIONS", default_value_t = 10)]
+    postgres_max_connections: u32,
+    /// Run `confab migrate` at start.
+    #[arg(long, env = "CONFAB_MIGRATE_ON_START")]
+    migrate_on_start: bool,
+    /// Where the non-gateway roles of this process serve the others (gRPC,
+    /// /healthz, /metrics).
+    #[arg(long, env = "CONFAB_INTERNAL_LISTEN")]
+    internal_listen: Option<SocketAddr>,
+    /// group-svc, when not in this process (http://host:port).
+    #[arg(long, env = "CONFAB_GROUP_ADDR")]
+    group_addr: Option<String>,
+    /// session-svc, when not in this process.
+    #[arg(long, env = "CONFAB_SESSION_ADDR")]
+    session_addr: Option<String>,
+    /// presence-svc, when not in this process.
+    #[arg(long, env = "CONFAB_PRESENCE_ADDR")]
+    presence_addr: Option<String>,
+    /// The message processes, when not in this process (comma-separated; calls
+    /// are spread over them).
+    #[arg(long, env = "CONFAB_MESSAGE_ADDR", value_delimiter = ',')]
+    message_addr: Vec<String>,
+    /// Deadline of a call to another role, in ms.
+    #[arg(long, env = "CONFAB_RPC_TIMEOUT_MS", default_value_t = 10_000)]
+    rpc_timeout_ms: u64,
+    /// Partitions of the message log: the unit of ownership among message
+    /// processes. Fixed for the life of a deployment.
+    #[arg(long, env = "CONFAB_LOG_PARTITIONS", default_value_t = 16)]
+    log_partitions: u32,
+    /// JetStream replicas of the log (3 in a NATS cluster: an acknowledged record
+    /// then survives the loss of a machine).
+    #[arg(long, env = "CONFAB_LOG_REPLICAS", default_value_t = 1)]
+    log_replicas: usize,
+    /// How long records stay in the log, in seconds (history is in PostgreSQL).
+    #[arg(long, env = "CONFAB_LOG_MAX_AGE_SECS", default_value_t = 7 * 24 * 3600)]
+    log_max_age_secs: u64,
+    /// JetStream's duplicate window for Nats-Msg-Id, in seconds; Confab's own
+    /// dedup by client_msg_id holds forever.
+    #[arg(long, env = "CONFAB_LOG_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    log_duplicate_window_secs: u64,
+    /// Seconds a record may stay unacknowledged before JetStream redelivers it.
+    #[arg(long, env = "CONFAB_LOG_ACK_WAIT_SECS", default_value_t = 5)]
+    log_ack_wait_secs: u64,
+    /// Most unacknowledged records per log partition.
+    #[arg(long, env = "CONFAB_LOG_MAX_ACK_PENDING", default_value_t = 10_000)]
+    log_max_ack_pending: i64,
+    /// Lifetime of a log-partition lease without renewal, in ms: how long the
+    /// partitions of a dead message process wait for a new owner.
+    #[arg(long, env = "CONFAB_LOG_LEASE_TTL_MS", default_value_t = 4_000)]
+    log_lease_ttl_ms: u64,
 }
 
 /// Abuse limits of the edge (issue 7): rates, connections, origins, idle time.
@@ -145,6 +242,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("confab: bad configuration: {problem}");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
+    if args.cluster.roles != [Role::All] {
+        return distributed::run(args).await;
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let tokens = match token_service(&args) {
@@ -168,13 +268,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .node_id;
     let node_id = u16::try_from(node_id).context("node id out of range")?;
 
-    let limits = GroupLimits {
-        max_group_size: args.max_group_size,
-        max_channel_size: args.max_channel_size,
-    };
-    let group_service = GroupService::open_sqlite(&args.data_dir.join("meta.db"), node_id, limits)
-        .await
-        .context("cannot open the metadata store")?;
+    let group_service =
+        GroupService::open_sqlite(&args.data_dir.join("meta.db"), node_id, group_limits(&args))
+            .await
+            .context("cannot open the metadata store")?;
     let groups = GroupsClient::new(in_process(GroupsServer::new(group_service)));
 
     let hub = Arc::new(Hub::new());
@@ -190,33 +287,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot open the message store")?;
     let messages = MessagesClient::new(in_process(MessagesServer::new(message_service.clone())));
 
-    let presence_config = PresenceConfig {
-        db_path: args.data_dir.join("presence.db"),
-        window: Duration::from_millis(args.presence_window_ms),
-        typing_ttl: Duration::from_millis(args.typing_ttl_ms),
-        typing_per_minute: args.typing_per_minute,
-    };
-    let presence_service = PresenceService::open(presence_config, groups.clone(), hub.clone())
-        .await
-        .context("cannot open the presence store")?;
+    let presence_service =
+        PresenceService::open(presence_config(&args), groups.clone(), hub.clone())
+            .await
+            .context("cannot open the presence store")?;
     let presence = PresencesClient::new(in_process(PresencesServer::new(presence_service.clone())));
 
     let gateway = Gateway {
-        config: GatewayConfig {
-            node: args.node.clone(),
-            max_frame_bytes: args.max_frame_bytes,
-            grace: Duration::from_secs(args.shutdown_grace_secs),
-            send_burst: args.limits.send_burst,
-            send_per_second: args.limits.send_per_second,
-            max_connections_per_user: args.limits.max_connections_per_user,
-            max_connections_per_ip: args.limits.max_connections_per_ip,
-            login_failures_per_minute: args.limits.login_failures_per_minute,
-            creations_per_minute: args.limits.creations_per_minute,
-            invitations_per_minute: args.limits.invitations_per_minute,
-            ws_allowed_origins: args.limits.ws_allowed_origins.clone(),
-            ws_idle_timeout: Duration::from_secs(args.limits.ws_idle_timeout_secs),
-            ..GatewayConfig::default()
-        },
+        config: gateway_config(&args),
         tokens,
         groups,
         messages,
@@ -240,6 +318,43 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     presence_service.shutdown().await;
     tracing::info!("confab stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Size limits of groups and channels.
+fn group_limits(args: &ServeArgs) -> GroupLimits {
+    GroupLimits {
+        max_group_size: args.max_group_size,
+        max_channel_size: args.max_channel_size,
+    }
+}
+
+/// presence-svc's settings; last seen is kept in the data directory.
+fn presence_config(args: &ServeArgs) -> PresenceConfig {
+    PresenceConfig {
+        db_path: args.data_dir.join("presence.db"),
+        window: Duration::from_millis(args.presence_window_ms),
+        typing_ttl: Duration::from_millis(args.typing_ttl_ms),
+        typing_per_minute: args.typing_per_minute,
+    }
+}
+
+/// The edge's settings and limits.
+fn gateway_config(args: &ServeArgs) -> GatewayConfig {
+    GatewayConfig {
+        node: args.node.clone(),
+        max_frame_bytes: args.max_frame_bytes,
+        grace: Duration::from_secs(args.shutdown_grace_secs),
+        send_burst: args.limits.send_burst,
+        send_per_second: args.limits.send_per_second,
+        max_connections_per_user: args.limits.max_connections_per_user,
+        max_connections_per_ip: args.limits.max_connections_per_ip,
+        login_failures_per_minute: args.limits.login_failures_per_minute,
+        creations_per_minute: args.limits.creations_per_minute,
+        invitations_per_minute: args.limits.invitations_per_minute,
+        ws_allowed_origins: args.limits.ws_allowed_origins.clone(),
+        ws_idle_timeout: Duration::from_secs(args.limits.ws_idle_timeout_secs),
+        ..GatewayConfig::default()
+    }
 }
 
 fn validate(args: &ServeArgs) -> Result<(), String> {

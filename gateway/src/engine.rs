@@ -6,12 +6,22 @@
 //! queued live; catch-up sends the stored events after the cursor; then the live
 //! queue is drained, skipping what catch-up already sent. The two join without a
 //! gap or a duplicate (DESIGN.md section 5, invariant 4).
+//!
+//! **Gap fill.** In the embedded mode a user's live events arrive in sequence
+//! order, every one of them. Over NATS (the distributed mode) one can be lost
+//! (core NATS delivers at most once) or overtaken by a later one published by
+//! another process. So a live event whose `seq` is beyond `last sent + 1` first
+//! makes the engine fetch the missing events from the store, by the same path as
+//! catch-up; the live event is then sent next, or skipped when the fetch sent it
+//! already. The hub's resync request (after the bus reconnected) runs the same
+//! fetch with no live event to trigger it, for losses at the tail.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use confab_common::bus::LiveEvent;
+use confab_common::channel::retry_idempotent;
 use confab_proto::group::v1::{GetConversationRequest, GetMemberRequest};
 use confab_proto::message::v1::{SendRequest, SendResponse, SyncRequest, UpdateReceiptsRequest};
 use confab_proto::presence::v1::{
@@ -33,6 +43,17 @@ use crate::limits::Limits;
 
 /// Events read per catch-up page.
 const SYNC_PAGE: u32 = 500;
+
+/// Where a catch-up starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The cursor of the device's hello. One beyond the user's last sequence
+    /// number was not issued by this server and is reset to it.
+    Cursor(u64),
+    /// The last event this connection sent: only later events are sent, whatever
+    /// the store says its head is (a lagging read must not cause resends).
+    LastSent(u64),
+}
 
 /// What a transport hands the engine.
 #[derive(Debug)]
@@ -231,7 +252,7 @@ impl Session {
         if sink.send(frame(reference, welcome)).await.is_err() {
             return End::SinkClosed;
         }
-        let mut last_sent = match self.catch_up(cursor, sink).await {
+        let mut last_sent = match self.catch_up(Start::Cursor(cursor), sink).await {
             Ok(last) => last,
             Err(end) => return end,
         };
@@ -253,13 +274,30 @@ impl Session {
                     let _ = sink.send(error_frame(0, &status, true)).await;
                     return End::Shutdown;
                 }
+                () = registration.resync.notified() => {
+                    metrics::counter!("confab_gateway_gap_fills_total", "cause" => "resync").increment(1);
+                    last_sent = match self.catch_up(Start::LastSent(last_sent), sink).await {
+                        Ok(last) => last,
+                        Err(end) => return end,
+                    };
+                }
                 live = registration.events.recv() => {
                     let Some(live) = live else {
                         return self.kicked(&registration, sink).await;
                     };
-                    // Channel posts (seq 0) are in no sequence. For the rest, catch-up
-                    // may have sent the event already: the join of the two is by seq.
+                    // Channel posts, presence and typing (seq 0) are in no sequence.
+                    // For the rest, catch-up may have sent the event already: the
+                    // join of the two is by seq.
                     if live.event.seq != 0 {
+                        if live.event.seq > last_sent.saturating_add(1) {
+                            // Events before this one were lost or are late: the
+                            // store has every committed one.
+                            metrics::counter!("confab_gateway_gap_fills_total", "cause" => "gap").increment(1);
+                            last_sent = match self.catch_up(Start::LastSent(last_sent), sink).await {
+                                Ok(last) => last,
+                                Err(end) => return end,
+                            };
+                        }
                         if live.event.seq <= last_sent {
                             continue;
                         }
@@ -305,21 +343,32 @@ impl Session {
         }
     }
 
-    /// Sends every stored event after `cursor`; returns the last seq sent.
+    /// Sends every stored event after `start`; returns the last seq sent (the
+    /// start when there was none).
     ///
     /// A cursor beyond the user's last sequence number was not issued by this
     /// server (a restored backup, a wiped store): it is reset to that number, or
-    /// the device would skip the live events up to its cursor.
-    async fn catch_up<S: FrameSink>(&self, cursor: u64, sink: &mut S) -> Result<u64, End> {
+    /// the device would skip the live events up to its cursor. A start at the
+    /// last event sent is never reset: the device has that event.
+    async fn catch_up<S: FrameSink>(&self, start: Start, sink: &mut S) -> Result<u64, End> {
+        let (cursor, mut check_head) = match start {
+            Start::Cursor(cursor) => (cursor, true),
+            Start::LastSent(last_sent) => (last_sent, false),
+        };
         let mut after = cursor;
-        let mut first = true;
         loop {
             let request = SyncRequest {
                 user_id: self.user_id,
                 after,
                 limit: SYNC_PAGE,
             };
-            let page = match self.gateway.messages.clone().sync(request).await {
+            let messages = &self.gateway.messages;
+            let page = retry_idempotent(|| {
+                let mut messages = messages.clone();
+                async move { messages.sync(request).await }
+            })
+            .await;
+            let page = match page {
                 Ok(page) => page.into_inner(),
                 Err(status) => {
                     tracing::warn!(user_id = self.user_id, %status, "catch-up failed");
@@ -327,7 +376,7 @@ impl Session {
                     return Err(End::SinkClosed);
                 }
             };
-            if std::mem::take(&mut first) && after > page.head {
+            if std::mem::take(&mut check_head) && after > page.head {
                 tracing::info!(
                     user_id = self.user_id,
                     cursor,
@@ -336,7 +385,12 @@ impl Session {
                 );
                 after = page.head;
             }
+            // Sync returns events after `after` only; the guard keeps "nothing
+            // twice" true whatever the store answers.
             for event in page.events {
+                if event.seq <= after {
+                    continue;
+                }
                 after = event.seq;
                 let event = server_frame::Kind::Event(event);
                 if sink.send(frame(0, event)).await.is_err() {
@@ -471,7 +525,13 @@ impl Session {
             client_msg_id: send.client_msg_id,
             text: send.text,
         };
-        match self.gateway.messages.clone().send(request).await {
+        let messages = &self.gateway.messages;
+        let sent = retry_idempotent(|| {
+            let (mut messages, request) = (messages.clone(), request.clone());
+            async move { messages.send(request).await }
+        })
+        .await;
+        match sent {
             Ok(response) => frame(
                 reference,
                 server_frame::Kind::Sent(send_ack(response.into_inner())),
@@ -494,7 +554,13 @@ impl Session {
             delivered_up_to: delivered,
             read_up_to: read,
         };
-        match self.gateway.messages.clone().update_receipts(request).await {
+        let messages = &self.gateway.messages;
+        let moved = retry_idempotent(|| {
+            let mut messages = messages.clone();
+            async move { messages.update_receipts(request).await }
+        })
+        .await;
+        match moved {
             Ok(_) => frame(reference, server_frame::Kind::Done(Done {})),
             Err(status) => error_frame(reference, &status, false),
         }

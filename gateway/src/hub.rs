@@ -8,6 +8,10 @@
 //! Besides its user's events, a connection can follow *topics*: the channels it
 //! has open (their posts are fan-out on read) and the users whose presence it
 //! watches. Both are ephemeral and per connection.
+//!
+//! When live events may have been lost on the way here (the NATS connection of
+//! the distributed mode dropped for a while), [`Hub::resync_all`] asks every
+//! connection to fetch what it missed from the store.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 use confab_common::bus::{Audience, LiveBus, LiveEvent};
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// Why the hub dropped a connection's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +39,10 @@ pub struct Registration {
     pub events: mpsc::Receiver<Arc<LiveEvent>>,
     /// Set before the hub drops the sending side of `events`.
     pub kicked: Arc<OnceLock<Kicked>>,
+    /// Notified when live events may have been lost: the connection then
+    /// catches up from the store after the last event it sent. A notification
+    /// that comes while nobody waits is kept until the next wait.
+    pub resync: Arc<Notify>,
 }
 
 /// Something a connection follows besides its user's own events.
@@ -52,6 +60,8 @@ struct Slot {
     device_id: String,
     events: mpsc::Sender<Arc<LiveEvent>>,
     kicked: Arc<OnceLock<Kicked>>,
+    /// The connection's side of [`Registration::resync`].
+    resync: Arc<Notify>,
     /// What this connection follows.
     topics: Vec<Topic>,
 }
@@ -83,11 +93,13 @@ impl Hub {
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed) + 1;
         let (sender, events) = mpsc::channel(capacity.max(1));
         let kicked = Arc::new(OnceLock::new());
+        let resync = Arc::new(Notify::new());
         let slot = Slot {
             connection_id,
             device_id: device_id.to_owned(),
             events: sender,
             kicked: kicked.clone(),
+            resync: resync.clone(),
             topics: Vec::new(),
         };
         let mut users = self.users.write();
@@ -106,7 +118,23 @@ impl Hub {
             connection_id,
             events,
             kicked,
+            resync,
         }
+    }
+
+    /// Makes every live connection catch up from the store after the last event
+    /// it sent, soon; for when live events may have been lost (the bus
+    /// reconnected after a disconnect). Events that then arrive live as well are
+    /// skipped by sequence number.
+    pub fn resync_all(&self) {
+        let users = self.users.read();
+        for slot in users.values().flatten() {
+            slot.resync.notify_one();
+        }
+        tracing::info!(
+            connections = users.values().map(Vec::len).sum::<usize>(),
+            "resync of every live connection requested"
+        );
     }
 
     /// Sends the channel's posts to this connection from now on. Returns false
@@ -448,6 +476,31 @@ mod tests {
         assert!(watcher.events.try_recv().is_err(), "5 is no longer watched");
         hub.unregister(1, watcher.connection_id);
         assert!(hub.followers.read().is_empty());
+    }
+
+    /// A resync request reaches every live connection, and is kept for one
+    /// that is not waiting yet.
+    #[test]
+    fn resync_reaches_every_connection() {
+        use futures::FutureExt as _;
+
+        let hub = Hub::new();
+        let a = hub.register(1, "a", 8);
+        let b = hub.register(2, "b", 8);
+        let gone = hub.register(3, "c", 8);
+        hub.unregister(3, gone.connection_id);
+        assert!(a.resync.notified().now_or_never().is_none());
+        hub.resync_all();
+        assert!(a.resync.notified().now_or_never().is_some());
+        assert!(b.resync.notified().now_or_never().is_some());
+        assert!(
+            a.resync.notified().now_or_never().is_none(),
+            "one request, one catch-up"
+        );
+        assert!(
+            gone.resync.notified().now_or_never().is_none(),
+            "an unregistered connection is left alone"
+        );
     }
 
     /// A device that connects again replaces its older connection.

@@ -245,7 +245,16 @@ impl GroupService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::memory_service;
+    use crate::test_support::{TestDb, backend_tests};
+
+    backend_tests!(
+        password_length_bounds,
+        create_user_stores_argon2id_hash,
+        duplicate_username_is_refused,
+        verify_password_right_wrong_unknown,
+        ensure_user_is_get_or_create,
+        get_user_and_get_users,
+    );
 
     /// Usernames are lowercased, then must be 3-32 characters of [a-z0-9_.-].
     #[test]
@@ -272,9 +281,8 @@ mod tests {
     }
 
     /// CreateUser refuses passwords outside 8-128 bytes and accepts both bounds.
-    #[tokio::test]
-    async fn password_length_bounds() {
-        let service = memory_service().await;
+    async fn password_length_bounds(db: TestDb) {
+        let service = db.service().await;
         for (name, len, ok) in [("a7", 7, false), ("a8", 8, true), ("a128", 128, true)] {
             let result = service
                 .create_user(&format!("user{name}"), "p".repeat(len))
@@ -287,9 +295,8 @@ mod tests {
 
     /// CreateUser stores the lowercased name and an Argon2id PHC string, never the
     /// password.
-    #[tokio::test]
-    async fn create_user_stores_argon2id_hash() {
-        let service = memory_service().await;
+    async fn create_user_stores_argon2id_hash(db: TestDb) {
+        let service = db.service().await;
         let user = service
             .create_user("Alice", "correct horse".into())
             .await
@@ -328,9 +335,8 @@ mod tests {
 
     /// A taken username, in any case, gives UsernameTaken; the unique index refuses
     /// the name even when the pre-check is bypassed (a concurrent registration).
-    #[tokio::test]
-    async fn duplicate_username_is_refused() {
-        let service = memory_service().await;
+    async fn duplicate_username_is_refused(db: TestDb) {
+        let service = db.service().await;
         let first = service
             .create_user("bob", "password1".into())
             .await
@@ -357,9 +363,8 @@ mod tests {
 
     /// VerifyPassword accepts the right password (any case of the name) and refuses a
     /// wrong one, an unknown user and a passwordless user alike.
-    #[tokio::test]
-    async fn verify_password_right_wrong_unknown() {
-        let service = memory_service().await;
+    async fn verify_password_right_wrong_unknown(db: TestDb) {
+        let service = db.service().await;
         let carol = service
             .create_user("carol", "s3cret-pass".into())
             .await
@@ -389,9 +394,8 @@ mod tests {
 
     /// EnsureUser creates a passwordless user once and returns the same user after,
     /// including an existing password user of that name.
-    #[tokio::test]
-    async fn ensure_user_is_get_or_create() {
-        let service = memory_service().await;
+    async fn ensure_user_is_get_or_create(db: TestDb) {
+        let service = db.service().await;
         let first = service.ensure_user("Dave").await.unwrap();
         assert_eq!(first.username, "dave");
         assert_eq!(service.ensure_user("dave").await.unwrap(), first);
@@ -408,9 +412,8 @@ mod tests {
     }
 
     /// GetUser finds by id, or by name when the id is 0; GetUsers skips unknown ids.
-    #[tokio::test]
-    async fn get_user_and_get_users() {
-        let service = memory_service().await;
+    async fn get_user_and_get_users(db: TestDb) {
+        let service = db.service().await;
         let frank = service.ensure_user("frank").await.unwrap();
         let grace = service.ensure_user("grace").await.unwrap();
         assert_eq!(service.get_user(frank.id, "ignored").await.unwrap(), frank);

@@ -90,7 +90,15 @@ mod tests {
 
     use super::*;
     use crate::store::ConversationKind;
-    use crate::test_support::memory_service;
+    use crate::test_support::{TestDb, backend_tests};
+
+    backend_tests!(
+        open_direct_same_conversation_both_ways,
+        open_direct_refuses_bad_pairs,
+        list_conversations_of_member,
+        get_conversation_unknown,
+    );
+    backend_tests!(multi_thread: open_direct_concurrent);
 
     /// Returns the ids of two new users of `service`.
     async fn two_users(service: &GroupService) -> (i64, i64) {
@@ -118,9 +126,8 @@ mod tests {
 
     /// OpenDirect returns one conversation per pair, whichever user opens it, with
     /// both members in ascending order.
-    #[tokio::test]
-    async fn open_direct_same_conversation_both_ways() {
-        let service = memory_service().await;
+    async fn open_direct_same_conversation_both_ways(db: TestDb) {
+        let service = db.service().await;
         let (a, b) = two_users(&service).await;
         let first = service.open_direct(b, a).await.unwrap();
         let second = service.open_direct(a, b).await.unwrap();
@@ -131,9 +138,8 @@ mod tests {
     }
 
     /// OpenDirect refuses a user with themselves and unknown users.
-    #[tokio::test]
-    async fn open_direct_refuses_bad_pairs() {
-        let service = memory_service().await;
+    async fn open_direct_refuses_bad_pairs(db: TestDb) {
+        let service = db.service().await;
         let (a, _) = two_users(&service).await;
         assert!(matches!(
             service.open_direct(a, a).await,
@@ -149,21 +155,38 @@ mod tests {
         ));
     }
 
-    /// Ten concurrent OpenDirect calls on one pair agree on one conversation
-    /// (in-memory database: one connection, so the calls interleave between queries).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn open_direct_concurrent_in_memory() {
-        let service = memory_service().await;
-        let (a, b) = two_users(&service).await;
-        let ids = open_concurrently(&service, a, b, 10).await;
+    /// Races ten OpenDirect calls on a new pair and checks that they agree on one
+    /// conversation and leave no orphan behind, also when a late loser comes after
+    /// the race; returns the users and the conversation id.
+    async fn race_open_direct(service: &GroupService) -> (i64, i64, i64) {
+        let (a, b) = two_users(service).await;
+        let ids = open_concurrently(service, a, b, 10).await;
         assert_eq!(ids.len(), 1, "{ids:?}");
+        let id = *ids.iter().next().unwrap();
+        let store = &service.inner.store;
+        let count = "SELECT COUNT(*) FROM conversations";
+        assert_eq!(store.scalar_for_tests(count, &[]).await, 1);
+
+        // A late loser of the race: its conversation is rolled back, the winner's returned.
+        let (lo, hi) = (a.min(b), a.max(b));
+        let late = store
+            .create_direct(service.inner.ids.next_id(), lo, hi, 0)
+            .await;
+        assert_eq!(late.unwrap(), id);
+        assert_eq!(store.scalar_for_tests(count, &[]).await, 1);
         assert_eq!(service.list_conversations(a).await.unwrap().len(), 1);
+        (a, b, id)
     }
 
-    /// Ten concurrent OpenDirect calls on one pair agree on one conversation on a
-    /// file database, where they run on separate connections; losers leave no
-    /// orphan conversation behind. Reopening the file keeps the data (migrations
-    /// run once).
+    /// Ten concurrent OpenDirect calls on one pair agree on one conversation and
+    /// leave no orphan conversation behind (in-memory SQLite: one connection, so
+    /// the calls interleave between queries; PostgreSQL: separate connections).
+    async fn open_direct_concurrent(db: TestDb) {
+        race_open_direct(&db.service().await).await;
+    }
+
+    /// The race of `open_direct_concurrent` on a SQLite file, where the calls run on
+    /// separate connections. Reopening the file keeps the data (migrations run once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn open_direct_concurrent_on_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -171,42 +194,19 @@ mod tests {
         let service = GroupService::open_sqlite(&path, 3, crate::GroupLimits::default())
             .await
             .unwrap();
-        let (a, b) = two_users(&service).await;
-        let ids = open_concurrently(&service, a, b, 10).await;
-        assert_eq!(ids.len(), 1, "{ids:?}");
-
-        let conversations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations")
-            .fetch_one(&service.inner.store.pool_for_tests())
-            .await
-            .unwrap();
-        assert_eq!(conversations, 1);
-
-        // A late loser of the race: its conversation is rolled back, the winner's returned.
-        let store = &service.inner.store;
-        let (lo, hi) = (a.min(b), a.max(b));
-        let late = store
-            .create_direct(service.inner.ids.next_id(), lo, hi, 0)
-            .await;
-        assert_eq!(ids.iter().copied().collect::<Vec<_>>(), vec![late.unwrap()]);
-        let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conversations")
-            .fetch_one(&store.pool_for_tests())
-            .await
-            .unwrap();
-        assert_eq!(after, 1);
+        let (a, b, id) = race_open_direct(&service).await;
         drop(service);
 
         let reopened = GroupService::open_sqlite(&path, 3, crate::GroupLimits::default())
             .await
             .unwrap();
-        let id = *ids.iter().next().unwrap();
         assert_eq!(reopened.open_direct(a, b).await.unwrap().id, id);
     }
 
     /// ListConversations returns every conversation of the user with its members,
     /// and nothing for a user in none.
-    #[tokio::test]
-    async fn list_conversations_of_member() {
-        let service = memory_service().await;
+    async fn list_conversations_of_member(db: TestDb) {
+        let service = db.service().await;
         let (a, b) = two_users(&service).await;
         let c = service.ensure_user("carol").await.unwrap().id;
         let lonely = service.ensure_user("lonely").await.unwrap().id;
@@ -223,9 +223,8 @@ mod tests {
     }
 
     /// GetConversation of an unknown id is NoSuchConversation.
-    #[tokio::test]
-    async fn get_conversation_unknown() {
-        let service = memory_service().await;
+    async fn get_conversation_unknown(db: TestDb) {
+        let service = db.service().await;
         let result = service.get_conversation(5).await;
         assert!(matches!(result, Err(GroupError::NoSuchConversation)));
     }

@@ -1,20 +1,25 @@
 //! group-svc: users, conversations and membership (DESIGN.md sections 1 and 11).
 //!
 //! - [`GroupService`] (this file): the service, cheap to clone; the binary opens it
-//!   with [`GroupService::open_sqlite`] and serves it through the generated
-//!   `GroupsServer`.
+//!   with [`GroupService::open_sqlite`] (embedded mode) or
+//!   [`GroupService::open_postgres`] (distributed mode) and serves it through the
+//!   generated `GroupsServer`.
 //! - `accounts`: registration, Argon2id password checks and user lookups.
 //! - `conversations`: direct conversations and conversation lookups.
 //! - `groups`: groups and channels: [`GroupLimits`], the metadata rules, creation
 //!   and metadata updates.
 //! - `membership`: adding, removing, leaving, joining, roles, member lookups; and
 //!   the change (conversation, notice) every mutation returns.
-//! - `store`: the records the storage returns, and its backends (`store/sqlite.rs`,
-//!   with the schema in `migrations/`; `store/sqlite/change.rs`, the transaction of
-//!   one membership or metadata change).
+//! - `store`: the records the storage returns, and the store over its two backends:
+//!   SQLite (`store/sqlite.rs`, schema in `migrations/`) for the embedded mode,
+//!   PostgreSQL (`store/postgres.rs`, schema in `migrations-postgres/`, applied by
+//!   [`migrate_postgres`]) for the distributed mode; `store/change.rs`, the
+//!   transaction of one membership or metadata change.
 //! - `grpc`: the generated `Groups` trait on top: protobuf <-> domain, errors ->
 //!   statuses, nothing else.
 //! - `error`: [`GroupError`], the causes of failure, and their gRPC codes.
+//! - `test_support` (tests only): services on a fresh database of either backend,
+//!   and `backend_tests!`, which runs one test on both.
 
 mod accounts;
 mod conversations;
@@ -23,6 +28,8 @@ mod groups;
 mod grpc;
 mod membership;
 mod store;
+#[cfg(test)]
+mod test_support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +37,7 @@ use std::sync::Arc;
 use confab_common::ids::Snowflake;
 
 use crate::accounts::Passwords;
-use crate::store::SqliteStore;
+use crate::store::Store;
 
 pub use crate::error::GroupError;
 pub use crate::groups::GroupLimits;
@@ -48,7 +55,7 @@ pub struct GroupService {
 #[derive(Debug)]
 struct Inner {
     /// Where users, conversations and members live.
-    store: SqliteStore,
+    store: Store,
     /// Makes the ids of new users and conversations.
     ids: Snowflake,
     /// Hashes and checks passwords off the async runtime.
@@ -94,46 +101,94 @@ impl GroupService {
         node_id: u16,
         limits: GroupLimits,
     ) -> Result<Self, GroupError> {
+        let store = Store::sqlite(pool).await?;
         let passwords = Passwords::new(argon2::Params::default()).await?;
-        Self::with_passwords(pool, node_id, limits, passwords).await
+        Ok(Self::with_parts(store, node_id, limits, passwords))
     }
 
-    /// Returns the service with the given password hasher (tests use cheap ones).
-    async fn with_passwords(
-        pool: sqlx::SqlitePool,
+    /// Uses a PostgreSQL pool, for the distributed mode. Does not migrate: run
+    /// [`migrate_postgres`] on the database first (once per deployment).
+    ///
+    /// `node_id` is this process's leased Snowflake node id; `limits` bound the
+    /// sizes of groups and channels.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the password hasher cannot be set up.
+    ///
+    /// # Panics
+    ///
+    /// Panics when `node_id` is 1024 or more.
+    pub async fn open_postgres(
+        pool: sqlx::PgPool,
         node_id: u16,
         limits: GroupLimits,
-        passwords: Passwords,
     ) -> Result<Self, GroupError> {
-        let store = SqliteStore::new(pool).await?;
+        let passwords = Passwords::new(argon2::Params::default()).await?;
+        Ok(Self::with_parts(
+            Store::postgres(pool),
+            node_id,
+            limits,
+            passwords,
+        ))
+    }
+
+    /// Returns the service on `store`, with the given password hasher (tests use
+    /// cheap ones).
+    fn with_parts(store: Store, node_id: u16, limits: GroupLimits, passwords: Passwords) -> Self {
         let inner = Inner {
             store,
             ids: Snowflake::new(node_id),
             passwords,
             limits,
         };
-        Ok(Self {
+        Self {
             inner: Arc::new(inner),
-        })
+        }
     }
 }
 
+/// Brings the PostgreSQL schema of group-svc up to date: creates the tables on an
+/// empty database, applies what is missing on an older one, does nothing on a
+/// current one. Applied versions are recorded in the table `_group_svc_migrations`.
+///
+/// Run it before [`GroupService::open_postgres`]; concurrent runs are safe (sqlx
+/// takes an advisory lock while it migrates).
+///
+/// # Errors
+///
+/// Fails when the database cannot be reached, a migration fails, or the database
+/// holds a version this binary does not know or a changed one.
+pub async fn migrate_postgres(pool: &sqlx::PgPool) -> Result<(), GroupError> {
+    store::migrate_postgres(pool).await
+}
+
 #[cfg(test)]
-mod test_support {
+mod tests {
+    use confab_common::testkit::PgDatabase;
+
     use super::*;
 
-    /// Returns a service on a fresh in-memory database, with cheap password hashing.
-    pub(crate) async fn memory_service() -> GroupService {
-        memory_service_with(GroupLimits::default()).await
-    }
-
-    /// Returns a service with `limits` on a fresh in-memory database, with cheap
-    /// password hashing.
-    pub(crate) async fn memory_service_with(limits: GroupLimits) -> GroupService {
-        let pool = confab_common::db::open_sqlite_memory().await.unwrap();
-        let passwords = Passwords::cheap_for_tests().await;
-        GroupService::with_passwords(pool, 1, limits, passwords)
+    /// `open_postgres` serves a database that `migrate_postgres` prepared, and sees
+    /// what an earlier service wrote there.
+    #[tokio::test]
+    async fn open_postgres_after_migrate() {
+        let database = PgDatabase::create().await;
+        let pool = sqlx::PgPool::connect(&database.url).await.unwrap();
+        migrate_postgres(&pool).await.unwrap();
+        let first = GroupService::open_postgres(pool.clone(), 1, GroupLimits::default())
             .await
-            .unwrap()
+            .unwrap();
+        let created = first.ensure_user("Alice").await;
+        let second = GroupService::open_postgres(pool.clone(), 2, GroupLimits::default())
+            .await
+            .unwrap();
+        let found = second.get_user(0, "alice").await;
+        pool.close().await;
+        database.drop_database().await;
+
+        let created = created.unwrap();
+        assert_eq!(created.username, "alice");
+        assert_eq!(found.unwrap(), created);
     }
 }

@@ -1,16 +1,27 @@
 //! Storage of users, conversations and membership: the records the store returns,
 //! and the backends.
 //!
-//! There is one backend today, [`SqliteStore`] (`store/sqlite.rs`, with the
-//! transaction of one membership or metadata change in `store/sqlite/change.rs`). Its
-//! methods are the storage contract: when the PostgreSQL backend arrives it gets a
-//! file of its own beside it, these methods become a trait both implement, and one
-//! conformance suite runs against both. The schema in `migrations/` is already
-//! portable SQL.
+//! - `backend`: [`Store`], the storage contract: one enum over the two backends
+//!   (SQLite for the embedded mode, PostgreSQL for the distributed mode) whose
+//!   methods hold the logic once and call the backend module for each statement.
+//! - `change`: [`Change`], the transaction of one membership or metadata change.
+//! - `sqlite` and `postgres`: one module per backend, with the statements whose SQL
+//!   differs (id lists, multi-row inserts) and its migrations (`migrations/` and
+//!   `migrations-postgres/`).
+//! - `portable`: the statements whose SQL is the same on both backends, written once
+//!   and expanded into each backend module.
+//! - `rows`: the conversion of result rows into records.
 
+mod backend;
+mod change;
+mod portable;
+mod postgres;
+mod rows;
 mod sqlite;
 
-pub(crate) use sqlite::{Change, NewConversation, SqliteStore};
+pub(crate) use backend::Store;
+pub(crate) use change::Change;
+pub(crate) use postgres::migrate as migrate_postgres;
 
 /// A user account, without its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +30,7 @@ pub(crate) struct User {
     pub(crate) id: i64,
     /// Lowercase, unique.
     pub(crate) username: String,
+    /// When the account was made, in milliseconds since the Unix epoch.
     pub(crate) created_at_ms: i64,
 }
 
@@ -27,10 +39,12 @@ pub(crate) struct User {
 pub(crate) struct Conversation {
     /// Snowflake id.
     pub(crate) id: i64,
+    /// Direct, group or channel; never changes.
     pub(crate) kind: ConversationKind,
     /// Ascending. Empty for channels, which may have a million members: see
     /// `member_count` and the paged member list.
     pub(crate) member_ids: Vec<i64>,
+    /// When it was created, in milliseconds since the Unix epoch.
     pub(crate) created_at_ms: i64,
     /// Empty for direct conversations.
     pub(crate) metadata: Metadata,
@@ -43,7 +57,10 @@ pub(crate) struct Conversation {
 /// What a group or channel shows of itself, as validated by `groups::validate_*`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Metadata {
+    /// 1 to 100 characters, trimmed, no control characters; empty for direct
+    /// conversations.
     pub(crate) name: String,
+    /// At most 500 characters.
     pub(crate) topic: String,
     /// Empty, or an http(s) URL.
     pub(crate) avatar_url: String,
@@ -87,6 +104,7 @@ impl ConversationKind {
 /// [`Role::Owner`] while it has members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Role {
+    /// Chats in a group; reads (only) in a channel.
     Member,
     /// Also adds and removes members and changes metadata.
     Admin,
@@ -123,7 +141,24 @@ impl Role {
 /// One member of a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Member {
+    /// The member's user id.
     pub(crate) user_id: i64,
+    /// What the member may do.
     pub(crate) role: Role,
+    /// When the user became a member, in milliseconds since the Unix epoch; decides
+    /// who succeeds an owner who leaves.
     pub(crate) joined_at_ms: i64,
+}
+
+/// A group or channel about to be created.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewConversation<'a> {
+    /// Snowflake id.
+    pub(crate) id: i64,
+    /// Group or channel.
+    pub(crate) kind: ConversationKind,
+    /// Also the owner's and first members' `joined_at_ms`.
+    pub(crate) created_at_ms: i64,
+    /// Validated name, topic and avatar URL; empty for direct conversations.
+    pub(crate) metadata: &'a Metadata,
 }

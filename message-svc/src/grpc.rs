@@ -12,7 +12,38 @@ use confab_proto::v1::{Event, ReadState, ReceiptsResponse};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::writer::{ReceiptsMoved, Sent};
 use crate::{MessageService, SendInput};
+
+/// The response to a send.
+pub(crate) fn send_response(sent: Sent) -> SendResponse {
+    SendResponse {
+        message: Some(sent.message.into()),
+        duplicate: sent.duplicate,
+    }
+}
+
+/// The response to an `AppendNotice`.
+pub(crate) fn notice_response(written: Option<Sent>) -> AppendNoticeResponse {
+    AppendNoticeResponse {
+        message: written.map(|sent| sent.message.into()),
+    }
+}
+
+/// The response to an `UpdateReceipts` in `conversation_id`.
+pub(crate) fn receipts_response(
+    conversation_id: i64,
+    moved: ReceiptsMoved,
+) -> UpdateReceiptsResponse {
+    UpdateReceiptsResponse {
+        delivered_up_to: moved.marks.delivered_up_to,
+        read_state: Some(ReadState {
+            conversation_id,
+            read_up_to: moved.marks.read_up_to,
+            unread_count: moved.unread_count,
+        }),
+    }
+}
 
 #[tonic::async_trait]
 impl Messages for MessageService {
@@ -27,10 +58,7 @@ impl Messages for MessageService {
             text: request.text,
         };
         let sent = MessageService::send(self, input).await?;
-        Ok(Response::new(SendResponse {
-            message: Some(sent.message.into()),
-            duplicate: sent.duplicate,
-        }))
+        Ok(Response::new(send_response(sent)))
     }
 
     #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
@@ -97,9 +125,7 @@ impl Messages for MessageService {
             .change
             .ok_or_else(|| Status::invalid_argument("change is required"))?;
         let written = MessageService::append_notice(self, change).await?;
-        Ok(Response::new(AppendNoticeResponse {
-            message: written.map(|sent| sent.message.into()),
-        }))
+        Ok(Response::new(notice_response(written)))
     }
 
     #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
@@ -116,14 +142,10 @@ impl Messages for MessageService {
             request.read_up_to,
         )
         .await?;
-        Ok(Response::new(UpdateReceiptsResponse {
-            delivered_up_to: moved.marks.delivered_up_to,
-            read_state: Some(ReadState {
-                conversation_id: request.conversation_id,
-                read_up_to: moved.marks.read_up_to,
-                unread_count: moved.unread_count,
-            }),
-        }))
+        Ok(Response::new(receipts_response(
+            request.conversation_id,
+            moved,
+        )))
     }
 
     #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]

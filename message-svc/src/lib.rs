@@ -34,6 +34,7 @@ use tokio::sync::watch;
 pub mod config;
 pub mod error;
 mod grpc;
+pub mod log;
 mod members;
 mod notices;
 mod receipts;
@@ -45,6 +46,7 @@ mod testing;
 
 pub use config::MessageConfig;
 pub use error::MessageError;
+pub use log::{LogConfig, LogFront};
 pub use store::StoreError;
 
 use confab_proto::v1::Role;
@@ -114,6 +116,35 @@ impl MessageService {
         })
     }
 
+    /// Opens the message store on PostgreSQL (the distributed mode: several
+    /// message processes share it) and starts the writer. The schema must exist
+    /// ([`migrate_postgres`]); `config.db_path` is not used.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the writer's connection cannot be had.
+    pub async fn open_postgres(
+        config: MessageConfig,
+        pool: sqlx::PgPool,
+        groups: GroupsClient<GrpcChannel>,
+        bus: Arc<dyn LiveBus>,
+    ) -> Result<Self, MessageError> {
+        let (store, log) = store::postgres::open(pool).await?;
+        let (handle, writer_done, stats) =
+            writer::spawn(Box::new(log), config.node_id, config.max_batch, bus);
+        tracing::info!(node_id = config.node_id, "message store open on PostgreSQL");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                members: MemberCache::new(groups),
+                store: Arc::new(store),
+                writer: RwLock::new(Some(handle)),
+                writer_done,
+                stats,
+            }),
+        })
+    }
+
     /// Stops accepting sends, commits and acknowledges what is queued, and waits
     /// for the writer to finish.
     pub async fn shutdown(&self) {
@@ -133,7 +164,7 @@ impl MessageService {
 
     /// Returns a handle to the writer, cloned out of the lock (a command may
     /// wait for room in the queue).
-    fn writer(&self) -> Result<WriterHandle, MessageError> {
+    pub(crate) fn writer(&self) -> Result<WriterHandle, MessageError> {
         self.inner
             .writer
             .read()
@@ -144,7 +175,12 @@ impl MessageService {
     /// Validates a send, checks membership and waits until the message is
     /// durable (or found to be a retry).
     async fn send(&self, request: SendInput) -> Result<Sent, MessageError> {
-        let accepted_at = Instant::now();
+        let command = self.prepare_send(request, Instant::now()).await?;
+        writer::submit(&self.writer()?, command).await
+    }
+
+    /// Checks a send's fields and size, without looking at membership.
+    pub(crate) fn validate_send(&self, request: &SendInput) -> Result<(), MessageError> {
         let client_msg_id_chars = request.client_msg_id.chars().count();
         if !(1..=MAX_CLIENT_MSG_ID_CHARS).contains(&client_msg_id_chars) {
             return Err(MessageError::InvalidArgument(
@@ -162,6 +198,17 @@ impl MessageService {
                 max: self.inner.config.max_text_bytes,
             });
         }
+        Ok(())
+    }
+
+    /// Validates a send and checks membership: the writer's command, not yet
+    /// queued. `accepted_at` is when the send path first saw the request.
+    pub(crate) async fn prepare_send(
+        &self,
+        request: SendInput,
+        accepted_at: Instant,
+    ) -> Result<SendCommand, MessageError> {
+        self.validate_send(&request)?;
         let members = &self.inner.members;
         let hint = members.snapshot(request.conversation_id).await?;
         if hint.is_channel() {
@@ -182,8 +229,7 @@ impl MessageService {
             // with the membership changes.
             return Err(MessageError::ConversationNotFound);
         }
-        let handle = self.writer()?;
-        let command = SendCommand {
+        Ok(SendCommand {
             sender_id: request.sender_id,
             sender_device: request.sender_device,
             conversation_id: request.conversation_id,
@@ -191,8 +237,7 @@ impl MessageService {
             text: request.text,
             hint,
             accepted_at,
-        };
-        writer::submit(&handle, command).await
+        })
     }
 
     /// Returns a page of a conversation's history, newest first: all of it to a
@@ -272,14 +317,24 @@ impl MessageService {
     }
 }
 
+/// Creates or updates the message store's schema on PostgreSQL (`confab
+/// migrate`, or at start when configured). Idempotent.
+///
+/// # Errors
+///
+/// Fails when a migration fails.
+pub async fn migrate_postgres(pool: &sqlx::PgPool) -> Result<(), MessageError> {
+    Ok(store::postgres::migrate(pool).await?)
+}
+
 /// A send as it arrives, before validation.
 #[derive(Debug)]
-struct SendInput {
-    sender_id: i64,
-    sender_device: String,
-    conversation_id: i64,
-    client_msg_id: String,
-    text: String,
+pub(crate) struct SendInput {
+    pub(crate) sender_id: i64,
+    pub(crate) sender_device: String,
+    pub(crate) conversation_id: i64,
+    pub(crate) client_msg_id: String,
+    pub(crate) text: String,
 }
 
 /// Returns `limit`, or `default` for 0, at most `max`.

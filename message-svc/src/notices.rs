@@ -26,19 +26,16 @@ impl MessageService {
         &self,
         change: MembershipChange,
     ) -> Result<Option<Sent>, MessageError> {
-        let conversation = change.conversation.ok_or(MessageError::InvalidArgument(
-            "change.conversation is required",
-        ))?;
-        if conversation.id <= 0 {
-            return Err(MessageError::InvalidArgument(
-                "change.conversation.id is required",
-            ));
-        }
-        if change.notice.is_none() && change.removed_user_ids.is_empty() {
-            return Err(MessageError::InvalidArgument(
-                "change has neither a notice nor removed users",
-            ));
-        }
+        let command = self.prepare_notice(change)?;
+        writer::submit_notice(&self.writer()?, command).await
+    }
+
+    /// Forgets what the membership cache holds about the conversation and users
+    /// `change` touches; returns the users it added.
+    pub(crate) fn forget_change(&self, change: &MembershipChange) -> Vec<i64> {
+        let Some(conversation) = change.conversation.as_ref() else {
+            return Vec::new();
+        };
         let added = match change.notice.as_ref().and_then(|n| n.kind.as_ref()) {
             Some(notice::Kind::MembersAdded(added)) => added.user_ids.clone(),
             _ => Vec::new(),
@@ -57,17 +54,39 @@ impl MessageService {
             }
             _ => {}
         }
+        self.inner.members.invalidate(conversation.id, &touched);
+        added
+    }
+
+    /// Validates `change`, forgets what the membership cache holds about it, and
+    /// returns the writer's command, not yet queued.
+    pub(crate) fn prepare_notice(
+        &self,
+        change: MembershipChange,
+    ) -> Result<NoticeCommand, MessageError> {
         // Before the writer: a lookup from now on reads group-svc, where the
         // change is committed already.
-        self.inner.members.invalidate(conversation.id, &touched);
-        let command = NoticeCommand {
+        let added = self.forget_change(&change);
+        let conversation = change.conversation.ok_or(MessageError::InvalidArgument(
+            "change.conversation is required",
+        ))?;
+        if conversation.id <= 0 {
+            return Err(MessageError::InvalidArgument(
+                "change.conversation.id is required",
+            ));
+        }
+        if change.notice.is_none() && change.removed_user_ids.is_empty() {
+            return Err(MessageError::InvalidArgument(
+                "change has neither a notice nor removed users",
+            ));
+        }
+        Ok(NoticeCommand {
             conversation_id: conversation.id,
             snapshot: Arc::new(Snapshot::of(&conversation)),
             notice: change.notice,
             removed: change.removed_user_ids,
             added,
-        };
-        writer::submit_notice(&self.writer()?, command).await
+        })
     }
 }
 

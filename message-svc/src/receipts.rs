@@ -29,6 +29,21 @@ impl MessageService {
         delivered_up_to: i64,
         read_up_to: i64,
     ) -> Result<ReceiptsMoved, MessageError> {
+        let command = self
+            .prepare_receipts(user_id, conversation_id, delivered_up_to, read_up_to)
+            .await?;
+        writer::submit_receipts(&self.writer()?, command).await
+    }
+
+    /// Validates a watermark move and checks membership: the writer's command,
+    /// not yet queued.
+    pub(crate) async fn prepare_receipts(
+        &self,
+        user_id: i64,
+        conversation_id: i64,
+        delivered_up_to: i64,
+        read_up_to: i64,
+    ) -> Result<ReceiptCommand, MessageError> {
         if delivered_up_to < 0 || read_up_to < 0 {
             return Err(MessageError::InvalidArgument(
                 "watermarks must not be negative",
@@ -41,14 +56,13 @@ impl MessageService {
             .members
             .check_member(conversation_id, user_id)
             .await?;
-        let command = ReceiptCommand {
+        Ok(ReceiptCommand {
             user_id,
             conversation_id,
             delivered_up_to,
             read_up_to,
             hint,
-        };
-        writer::submit_receipts(&self.writer()?, command).await
+        })
     }
 
     /// Returns how far `message_id` got among the current members other than

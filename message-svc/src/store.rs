@@ -1,7 +1,9 @@
 //! Storage of messages and per-user event sequences, behind two small traits: the
 //! read side ([`MessageStore`], shared by every reader) and the write side
 //! ([`LogWriter`], owned by the one writer task). One file per backend:
-//! [`sqlite`] now; PostgreSQL and ScyllaDB later.
+//! [`sqlite`] (the embedded mode) and [`postgres`] (the distributed mode, where
+//! several message processes write one database); ScyllaDB later. `tests` is the
+//! conformance suite every backend runs.
 
 use std::collections::HashMap;
 
@@ -9,7 +11,10 @@ use confab_proto::v1::{Notice, ReadState, Receipt};
 use std::future::Future;
 use std::pin::Pin;
 
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
+#[cfg(test)]
+pub(crate) mod tests;
 
 /// A boxed future, so that the store traits can be used as trait objects.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -23,6 +28,36 @@ pub enum StoreError {
     /// A stored notice, receipt or read state does not decode.
     #[error("stored protobuf does not decode")]
     Decode(#[from] prost::DecodeError),
+    /// The schema could not be created or updated.
+    #[error("schema migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// New events of a user do not continue that user's sequence gap-free from
+    /// its stored head: another writer numbered the same user (a cached sequence
+    /// number in a shared store). Nothing of the transaction is kept.
+    #[error("event sequence does not continue from the stored head")]
+    SequenceBroken {
+        /// The user whose sequence would have broken.
+        user_id: i64,
+    },
+}
+
+impl StoreError {
+    /// Returns whether the failed transaction may simply be run again: the
+    /// database aborted it because of concurrent writers (PostgreSQL's deadlock
+    /// `40P01` or serialization failure `40001`), and nothing of it was kept.
+    ///
+    /// Connection errors are not retryable: a COMMIT whose answer was lost may
+    /// have succeeded.
+    pub fn is_retryable(&self) -> bool {
+        /// SQLSTATE of `serialization_failure` and `deadlock_detected`.
+        const RETRYABLE: [&str; 2] = ["40001", "40P01"];
+        match self {
+            Self::Sql(sqlx::Error::Database(error)) => error
+                .code()
+                .is_some_and(|code| RETRYABLE.contains(&code.as_ref())),
+            _ => false,
+        }
+    }
 }
 
 /// A message as stored; every field but `client_msg_id` and `text` is set by the
@@ -265,6 +300,14 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 /// number of statements that does not grow with the number of messages (a
 /// backend splits a call only where its statements have a size limit).
 pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
+    /// Returns true when other processes write the same store, so the writer must
+    /// not cache sequence numbers between transactions and must ask
+    /// [`last_seqs`](LogWriter::last_seqs) for every user it numbers in each
+    /// transaction (which also locks those users' sequences until the commit).
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Opens a write transaction.
     fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>>;
 
@@ -276,7 +319,9 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>>;
 
     /// Returns the last event sequence number of each of `user_ids` that has one;
-    /// users without events are left out (their last number is 0).
+    /// users without events are left out (their last number is 0). In a
+    /// [`shared`](LogWriter::shared) store this also locks the users' sequences
+    /// until the transaction ends, so that no other writer numbers them meanwhile.
     fn last_seqs<'a>(
         &'a mut self,
         user_ids: &'a [i64],

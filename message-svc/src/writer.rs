@@ -177,14 +177,43 @@ pub(crate) fn spawn(
 /// [`MessageError::CommitFailed`] when the batch could not be committed; the
 /// command's own refusal (a non-member: [`MessageError::ConversationNotFound`]).
 async fn request(handle: &WriterHandle, command: Command) -> Result<Outcome, MessageError> {
+    enqueue(handle, command).await?.await_outcome().await
+}
+
+/// The outcome of a queued command, once its batch is committed.
+#[derive(Debug)]
+pub(crate) struct Queued(oneshot::Receiver<Result<Outcome, MessageError>>);
+
+impl Queued {
+    /// Waits until the command's batch is committed (or failed).
+    ///
+    /// # Errors
+    ///
+    /// As [`request`].
+    pub(crate) async fn await_outcome(self) -> Result<Outcome, MessageError> {
+        // A dropped reply means the writer died mid-batch: the outcome is unknown,
+        // and the client's retry with the same client_msg_id settles it.
+        self.0.await.map_err(|_| MessageError::ShuttingDown)?
+    }
+}
+
+/// Queues `command` for the writer and returns at once with a handle on its
+/// outcome: commands queued one after the other by one task are committed in
+/// that order (the distributed mode's log consumer relies on it).
+///
+/// # Errors
+///
+/// [`MessageError::ShuttingDown`] when the writer has stopped.
+pub(crate) async fn enqueue(
+    handle: &WriterHandle,
+    command: Command,
+) -> Result<Queued, MessageError> {
     let (reply, answer) = oneshot::channel();
     handle
         .send(WriteRequest { command, reply })
         .await
         .map_err(|_| MessageError::ShuttingDown)?;
-    // A dropped reply means the writer died mid-batch: the outcome is unknown, and
-    // the client's retry with the same client_msg_id settles it.
-    answer.await.map_err(|_| MessageError::ShuttingDown)?
+    Ok(Queued(answer))
 }
 
 /// Sends a message and waits until it is durable (or found to be a retry).
@@ -839,6 +868,12 @@ impl Writer {
         events: &mut Vec<Arc<LiveEvent>>,
         touched: &mut HashSet<i64>,
     ) -> Result<Vec<EventRow>, StoreError> {
+        if self.log.shared() {
+            // Other processes number events of the same users: what this one
+            // remembers may be stale. `last_seqs` locks the users' heads until
+            // the commit, so the numbers read here stay ours.
+            self.seqs.clear();
+        }
         let unknown: HashSet<i64> = state
             .pending
             .iter()

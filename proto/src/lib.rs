@@ -2,7 +2,8 @@
 //!
 //! - [`v1`]: the public edge API (`Edge`, `Accounts`, `Conversations`) and the
 //!   types every service shares (`Message`, `Event`, ...).
-//! - [`group`], [`message`], [`session`], [`presence`]: the internal services. Their generated
+//! - [`group`], [`message`], [`session`], [`presence`]: the internal services.
+//! - [`bus`]: the records of the durable log and the live events on NATS. Their generated
 //!   traits are the interfaces of the services; callers use the generated clients.
 //! - [`codec`]: the prost codec the generated code uses, with small buffers.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection and the
@@ -46,6 +47,15 @@ pub mod presence {
     /// Version 1 of the contract.
     pub mod v1 {
         tonic::include_proto!("confab.presence.v1");
+    }
+}
+
+/// What travels on NATS in the distributed mode (`confab.bus.v1`): log records
+/// and live events. Internal only.
+pub mod bus {
+    /// Version 1 of the contract.
+    pub mod v1 {
+        tonic::include_proto!("confab.bus.v1");
     }
 }
 

@@ -31,7 +31,7 @@ impl Sessions for SessionService {
             device_id,
             node,
         };
-        self.inner.devices.register(device, connection_id)?;
+        self.register(device, connection_id).await?;
         Ok(Response::new(RegisterDeviceResponse {}))
     }
 
@@ -52,7 +52,7 @@ impl Sessions for SessionService {
             node,
         };
         // Not removing a stale connection is success: the caller's connection is gone.
-        self.inner.devices.unregister(&device, connection_id)?;
+        self.unregister(&device, connection_id).await?;
         Ok(Response::new(UnregisterDeviceResponse {}))
     }
 
@@ -61,7 +61,7 @@ impl Sessions for SessionService {
         &self,
         request: Request<LookupUsersRequest>,
     ) -> Result<Response<LookupUsersResponse>, Status> {
-        let found = self.inner.devices.lookup(&request.into_inner().user_ids);
+        let found = self.lookup(&request.into_inner().user_ids);
         let devices = found.into_iter().map(proto::LiveDevice::from).collect();
         Ok(Response::new(LookupUsersResponse { devices }))
     }
@@ -71,7 +71,7 @@ impl Sessions for SessionService {
         &self,
         request: Request<AcquireNodeIdRequest>,
     ) -> Result<Response<AcquireNodeIdResponse>, Status> {
-        let node_id = self.inner.node_ids.acquire(&request.into_inner().holder)?;
+        let node_id = self.lease_node_id(&request.into_inner().holder)?;
         Ok(Response::new(AcquireNodeIdResponse {
             node_id: u32::from(node_id),
         }))

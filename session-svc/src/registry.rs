@@ -1,8 +1,8 @@
 //! The in-memory registry of the embedded mode: which gateway node holds each live
 //! device, and which Snowflake node ids are leased.
 //!
-//! The distributed mode will keep the same state in NATS KV with TTLs; the methods
-//! here are the operations it has to offer.
+//! The distributed mode keeps the devices in NATS KV (`kv`) with the same
+//! semantics, and leases node ids per process (`lease`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -123,7 +123,7 @@ impl DeviceRegistry {
 }
 
 /// Refuses a request that names no device or no node.
-fn validate(device_id: &str, node: &str) -> Result<(), SessionError> {
+pub(crate) fn validate(device_id: &str, node: &str) -> Result<(), SessionError> {
     if device_id.is_empty() {
         return Err(SessionError::EmptyDevice);
     }

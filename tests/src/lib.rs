@@ -19,16 +19,28 @@
 //!   checks the server's mapping instead of sharing it.
 //! - [`http`]: a tiny HTTP/1.1 GET for `/metrics` and `/healthz`.
 //! - [`cli`]: runs `confab client` processes with piped stdin and stdout.
+//! - [`cluster`]: [`Cluster`], the distributed mode: every role in its own
+//!   process, with a private nats-server and a fresh PostgreSQL database behind
+//!   a [`proxy`]; `kill9`, `restart`, `nats_restart`, metrics, the fan-out owner.
+//! - [`proxy`]: a TCP proxy a test can `cut` and `restore`.
+//! - [`load`]: a bounded chat load of many devices that retry and resume, and
+//!   record every ack and event.
+//! - [`invariants`]: checks DESIGN.md section 13 over what a load recorded and
+//!   the history read back.
 //!
 //! Waiting is always on an event (a line, a frame); timeouts only bound failures.
 
 pub mod accounts;
 pub mod cli;
+pub mod cluster;
 pub mod conn;
 pub mod grpc;
 pub mod heartbeat;
 pub mod http;
+pub mod invariants;
 pub mod json;
+pub mod load;
+pub mod proxy;
 pub mod server;
 pub mod ws;
 
@@ -36,6 +48,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use accounts::{Account, PASSWORD};
+pub use cluster::{Cluster, Role};
 pub use conn::{Closed, Conn, Reply, Synced};
 pub use grpc::GrpcConn;
 pub use heartbeat::Heartbeating;

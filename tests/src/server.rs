@@ -3,11 +3,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
 use crate::WAIT;
@@ -34,6 +35,9 @@ pub struct Server {
     args: Vec<String>,
     /// How many processes were started: names the log files.
     starts: u32,
+    /// False for a handle on a process that something else runs
+    /// ([`Server::attach`]): it has no log, and cannot be restarted.
+    managed: bool,
 }
 
 impl Server {
@@ -58,10 +62,31 @@ impl Server {
             root: tempfile::Builder::new().prefix("confab-e2e-").tempdir()?,
             args: args.iter().map(|arg| (*arg).to_owned()).collect(),
             starts: 0,
+            managed: true,
         };
         std::fs::create_dir(server.data_dir())?;
         server.spawn().await?;
         Ok(server)
+    }
+
+    /// Returns a handle on a server that something else runs at `addr` (a
+    /// gateway of a [`crate::cluster::Cluster`]): every client helper works
+    /// through it, while `kill9` does nothing and `restart` fails.
+    ///
+    /// # Errors
+    ///
+    /// Fails when no temporary directory can be made.
+    pub fn attach(addr: SocketAddr) -> Result<Self> {
+        Ok(Self {
+            child: None,
+            addr,
+            root: tempfile::Builder::new()
+                .prefix("confab-attached-")
+                .tempdir()?,
+            args: Vec::new(),
+            starts: 0,
+            managed: false,
+        })
     }
 
     /// The address the server listens on now.
@@ -136,16 +161,14 @@ impl Server {
     ///
     /// Fails like [`Server::start`].
     pub async fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(self.managed, "an attached server cannot be restarted");
         self.kill9().await?;
         self.spawn().await
     }
 
     /// Returns the last lines of the current process's stderr.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-        lines[start..].join("\n")
+        log_tail(&self.log_path(), LOG_TAIL_LINES)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -155,47 +178,31 @@ impl Server {
     async fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path())?;
-        let mut command = Command::new(confab_bin()?);
-        // The flags alone configure the server: no CONFAB_* from the caller's shell.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("CONFAB_") {
-                command.env_remove(key);
-            }
-        }
-        let mut child = command
+        let mut command = confab_command()?;
+        command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.data_dir())
             .args(&self.args)
-            .args(raised_limits(&self.args))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning confab serve")?;
-        let stdout = child.stdout.take().context("no stdout pipe")?;
-        self.child = Some(child);
-        let mut lines = BufReader::new(stdout).lines();
-        let waited = tokio::time::timeout(WAIT, read_listening_line(&mut lines)).await;
-        let addr = match waited {
-            Ok(Ok(addr)) => addr,
-            Ok(Err(error)) => bail!("{error:#}; server log:\n{}", self.log_tail()),
-            Err(_) => bail!(
-                "server printed no address in {WAIT:?}; log:\n{}",
-                self.log_tail()
-            ),
+            .args(raised_limits(&self.args));
+        let started = spawn_until(command, log, WAIT, |line| {
+            line.strip_prefix(LISTENING_PREFIX)
+                .map(|addr| addr.trim().parse::<SocketAddr>())
+        })
+        .await;
+        let (child, addr) = match started {
+            Ok(started) => started,
+            Err(error) => bail!("{error:#}; server log:\n{}", self.log_tail()),
         };
-        // Keep draining stdout so that the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.addr = addr;
+        self.child = Some(child);
+        self.addr = addr.context("parsing the listening address")?;
         Ok(())
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if self.managed && std::thread::panicking() {
             eprintln!("--- confab serve log (tail) ---\n{}", self.log_tail());
         }
         if let Some(child) = self.child.as_mut() {
@@ -204,14 +211,68 @@ impl Drop for Server {
     }
 }
 
-/// Reads stdout until the `confab listening on ADDR` line.
-async fn read_listening_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Result<SocketAddr> {
-    while let Some(line) = lines.next_line().await? {
-        if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
-            return addr.trim().parse().context("parsing the listening address");
+/// Spawns `command` with stdout piped and stderr into `log`, and reads stdout
+/// until `wanted` recognises a line; returns the child (killed when dropped)
+/// and what `wanted` made of that line. Stdout keeps being drained afterwards,
+/// so that the process never blocks on a full pipe.
+///
+/// # Errors
+///
+/// Fails when the process cannot be spawned, exits first, or prints no such
+/// line within `timeout`.
+pub(crate) async fn spawn_until<T>(
+    mut command: Command,
+    log: std::fs::File,
+    timeout: Duration,
+    mut wanted: impl FnMut(&str) -> Option<T>,
+) -> Result<(Child, T)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the process")?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(found) = wanted(&line) {
+                return Ok(found);
+            }
+        }
+        bail!("the process exited before printing the line it was expected to print")
+    };
+    let found = match tokio::time::timeout(timeout, read).await {
+        Ok(found) => found?,
+        Err(_) => bail!("the process printed no expected line within {timeout:?}"),
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, found))
+}
+
+/// Returns the last `count` lines of the file at `path` (empty when unreadable).
+pub(crate) fn log_tail(path: &Path, count: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(count);
+    lines[start..].join("\n")
+}
+
+/// Returns a command running the `confab` binary that the flags alone
+/// configure: no `CONFAB_*` variable of the caller's shell reaches it.
+///
+/// # Errors
+///
+/// Fails like [`confab_bin`].
+pub fn confab_command() -> Result<Command> {
+    let mut command = Command::new(confab_bin()?);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CONFAB_") {
+            command.env_remove(key);
         }
     }
-    bail!("server exited before printing its address")
+    Ok(command)
 }
 
 /// Returns the `confab` binary: `CONFAB_BIN`, else `target/debug/confab` beside
@@ -249,7 +310,7 @@ const RAISED_LIMITS: [(&str, &str); 3] = [
 ];
 
 /// Returns the [`RAISED_LIMITS`] flags that `args` does not set.
-fn raised_limits(args: &[String]) -> Vec<&'static str> {
+pub(crate) fn raised_limits(args: &[String]) -> Vec<&'static str> {
     RAISED_LIMITS
         .iter()
         .filter(|(flag, _)| !args.iter().any(|arg| arg == flag))

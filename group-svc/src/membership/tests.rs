@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::*;
 use crate::GroupLimits;
 use crate::groups::MetadataUpdate;
-use crate::test_support::{memory_service, memory_service_with};
+use crate::test_support::{TestDb, backend_tests, on_postgres};
 
 /// Returns the ids of `n` new users named `{prefix}{i}`.
 async fn users(service: &GroupService, prefix: &str, n: usize) -> Vec<i64> {
@@ -59,11 +59,12 @@ async fn role_of(service: &GroupService, conversation_id: i64, user_id: i64) -> 
 /// Returns the number of rows in `members` for the conversation, to check the
 /// stored `member_count` against.
 async fn counted_members(service: &GroupService, conversation_id: i64) -> u32 {
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM members WHERE conversation_id = $1")
-        .bind(conversation_id)
-        .fetch_one(&service.inner.store.pool_for_tests())
-        .await
-        .unwrap();
+    let sql = "SELECT COUNT(*) FROM members WHERE conversation_id = $1";
+    let count = service
+        .inner
+        .store
+        .scalar_for_tests(sql, &[conversation_id])
+        .await;
     u32::try_from(count).unwrap()
 }
 
@@ -74,12 +75,28 @@ fn small_limits(max_group_size: u32, max_channel_size: u32) -> GroupLimits {
     }
 }
 
+backend_tests!(
+    create_group,
+    create_channel,
+    create_refuses_invalid_input,
+    add_members_rights_and_idempotence,
+    remove_member_rules,
+    leave_hands_over_ownership,
+    join_channel_not_group,
+    set_role_owner_only,
+    update_metadata_partial_and_noop,
+    get_and_list_members_with_paging,
+    direct_refuses_every_mutation,
+    version_rises_by_one_per_change,
+    group_of_1024_in_one_call,
+    size_limits_at_max_and_beyond,
+);
+
 /// CreateConversation of a group: the creator is owner, the others members
 /// (duplicates and the creator ignored), the name trimmed, version 1, and the
 /// notice Created by the creator.
-#[tokio::test]
-async fn create_group() {
-    let service = memory_service().await;
+async fn create_group(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 3).await;
     let (owner, a, b) = (ids[0], ids[1], ids[2]);
     let created = service
@@ -121,9 +138,8 @@ async fn create_group() {
 
 /// CreateConversation of a channel: the owner alone, member ids never listed
 /// (also not by ListConversations), and initial members refused.
-#[tokio::test]
-async fn create_channel() {
-    let service = memory_service().await;
+async fn create_channel(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 2).await;
     let created = channel(&service, ids[0]).await;
     assert_eq!(created.kind, ConversationKind::Channel);
@@ -143,9 +159,8 @@ async fn create_channel() {
 
 /// CreateConversation refuses bad names, topics, avatar URLs and kinds, and
 /// unknown members or creators.
-#[tokio::test]
-async fn create_refuses_invalid_input() {
-    let service = memory_service().await;
+async fn create_refuses_invalid_input(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 2).await;
     let creator = ids[0];
     let create = |kind, metadata: Metadata, members: Vec<i64>| {
@@ -214,9 +229,8 @@ async fn create_refuses_invalid_input() {
 
 /// The size limits count the owner: a group or channel reaches exactly its
 /// maximum, and one more member is refused with RESOURCE_EXHAUSTED's message.
-#[tokio::test]
-async fn size_limits_at_max_and_beyond() {
-    let service = memory_service_with(small_limits(4, 3)).await;
+async fn size_limits_at_max_and_beyond(db: TestDb) {
+    let service = db.service_with(small_limits(4, 3)).await;
     let ids = users(&service, "user", 6).await;
     let too_big = service
         .create_conversation(ConversationKind::Group, ids[0], named("g"), &ids[1..5])
@@ -257,9 +271,8 @@ async fn size_limits_at_max_and_beyond() {
 /// AddMembers: admins and the owner add; a plain member is refused; a
 /// non-member gets the very answer of an unknown conversation; a re-add changes
 /// nothing; unknown users are refused.
-#[tokio::test]
-async fn add_members_rights_and_idempotence() {
-    let service = memory_service().await;
+async fn add_members_rights_and_idempotence(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 6).await;
     let (owner, admin, member, outsider) = (ids[0], ids[1], ids[2], ids[3]);
     let team = group(&service, owner, &[admin, member]).await;
@@ -317,9 +330,8 @@ async fn add_members_rights_and_idempotence() {
 /// RemoveMember of someone else: nobody removes the owner, only the owner
 /// removes admins, members remove nobody, non-members are NotAMember; a removal
 /// reports the user in `removed_user_ids`.
-#[tokio::test]
-async fn remove_member_rules() {
-    let service = memory_service().await;
+async fn remove_member_rules(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 6).await;
     let (owner, admin, admin2, member, member2, outsider) =
         (ids[0], ids[1], ids[2], ids[3], ids[4], ids[5]);
@@ -367,9 +379,8 @@ async fn remove_member_rules() {
 /// Leaving: an owner hands ownership to the longest-standing admin, then (with no
 /// admin) to the longest-standing member; the last member leaves an empty
 /// conversation behind.
-#[tokio::test]
-async fn leave_hands_over_ownership() {
-    let service = memory_service().await;
+async fn leave_hands_over_ownership(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 5).await;
     let (owner, early_admin, late_admin, early_member, late_member) =
         (ids[0], ids[1], ids[2], ids[3], ids[4]);
@@ -386,19 +397,15 @@ async fn leave_hands_over_ownership() {
             .unwrap();
     }
     // Join times against the id order, so that seniority, not id, decides.
-    let pool = service.inner.store.pool_for_tests();
     for (user, joined_at_ms) in [
         (early_admin, 300),
         (late_admin, 400),
         (early_member, 100),
         (late_member, 200),
     ] {
-        sqlx::query("UPDATE members SET joined_at_ms = $1 WHERE user_id = $2")
-            .bind(joined_at_ms)
-            .bind(user)
-            .execute(&pool)
-            .await
-            .unwrap();
+        let sql = "UPDATE members SET joined_at_ms = $1 WHERE user_id = $2";
+        let store = &service.inner.store;
+        assert_eq!(store.execute_for_tests(sql, &[joined_at_ms, user]).await, 1);
     }
 
     let left = service.remove_member(team.id, owner, owner).await.unwrap();
@@ -447,9 +454,8 @@ async fn leave_hands_over_ownership() {
 /// joined by invitation only (a stranger gets the same not-found as for an unknown
 /// id); unknown and foreign direct conversations are not found, a member's own
 /// direct conversation is fixed.
-#[tokio::test]
-async fn join_channel_not_group() {
-    let service = memory_service().await;
+async fn join_channel_not_group(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 3).await;
     let news = channel(&service, ids[0]).await;
     let joined = service.join(news.id, ids[1]).await.unwrap();
@@ -497,9 +503,8 @@ async fn join_channel_not_group() {
 
 /// SetRole: the owner alone promotes and demotes; the same role again changes
 /// nothing; owner is no role to set, and the owner's own role is fixed.
-#[tokio::test]
-async fn set_role_owner_only() {
-    let service = memory_service().await;
+async fn set_role_owner_only(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 4).await;
     let (owner, a, b, outsider) = (ids[0], ids[1], ids[2], ids[3]);
     let team = group(&service, owner, &[a, b]).await;
@@ -549,9 +554,8 @@ async fn set_role_owner_only() {
 /// UpdateConversation: admins only; set fields change, unset fields keep their
 /// value; the notice carries all values after the change; an update that
 /// changes nothing has no notice and keeps the version; bad values are refused.
-#[tokio::test]
-async fn update_metadata_partial_and_noop() {
-    let service = memory_service().await;
+async fn update_metadata_partial_and_noop(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 3).await;
     let (owner, member, outsider) = (ids[0], ids[1], ids[2]);
     let team = group(&service, owner, &[member]).await;
@@ -623,9 +627,8 @@ async fn update_metadata_partial_and_noop() {
 
 /// GetMember answers a member's role and join time, NotAMember otherwise;
 /// ListMembers pages by ascending user id with `has_more`.
-#[tokio::test]
-async fn get_and_list_members_with_paging() {
-    let service = memory_service().await;
+async fn get_and_list_members_with_paging(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 7).await;
     let team = group(&service, ids[0], &ids[1..]).await;
     let owner = service.get_member(team.id, ids[0]).await.unwrap();
@@ -672,9 +675,8 @@ async fn get_and_list_members_with_paging() {
 
 /// A direct conversation refuses every mutation to its members, and is not
 /// found by anyone else.
-#[tokio::test]
-async fn direct_refuses_every_mutation() {
-    let service = memory_service().await;
+async fn direct_refuses_every_mutation(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 3).await;
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     let direct = service.open_direct(a, b).await.unwrap();
@@ -703,9 +705,8 @@ async fn direct_refuses_every_mutation() {
 
 /// The version starts at 1 and rises by exactly one per real change, whatever
 /// the change; refused and no-op calls leave it.
-#[tokio::test]
-async fn version_rises_by_one_per_change() {
-    let service = memory_service().await;
+async fn version_rises_by_one_per_change(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 4).await;
     let (owner, a, b, c) = (ids[0], ids[1], ids[2], ids[3]);
     let id = group(&service, owner, &[a]).await.id;
@@ -730,16 +731,10 @@ async fn version_rises_by_one_per_change() {
     assert_eq!(service.get_conversation(id).await.unwrap().version, 7);
 }
 
-/// Ten concurrent AddMembers on a file database (separate connections), each
-/// adding distinct users to a group near its limit: exactly as many succeed as
+/// Ten concurrent AddMembers on separate connections, each adding distinct users
+/// to a group near its limit (`small_limits(20, 100)`): exactly as many succeed as
 /// fit, the group ends at its limit, and each success took its own version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_adds_respect_the_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("group.db");
-    let service = GroupService::open_sqlite(&path, 3, small_limits(20, 100))
-        .await
-        .unwrap();
+async fn concurrent_adds_respect_the_limit(service: GroupService) {
     let ids = users(&service, "user", 30).await;
     let owner = ids[0];
     // 10 members; room for 10 more: 5 of the 10 adds of 2 users fit.
@@ -768,11 +763,33 @@ async fn concurrent_adds_respect_the_limit() {
     assert_eq!(counted_members(&service, id).await, 20);
 }
 
+/// `concurrent_adds_respect_the_limit` on a SQLite file, where the calls run on
+/// separate connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_adds_respect_the_limit_on_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.db");
+    let service = GroupService::open_sqlite(&path, 3, small_limits(20, 100))
+        .await
+        .unwrap();
+    concurrent_adds_respect_the_limit(service).await;
+}
+
+/// `concurrent_adds_respect_the_limit` on PostgreSQL, where the calls run on
+/// separate connections under READ COMMITTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_adds_respect_the_limit_on_postgres() {
+    on_postgres(|db| async move {
+        let service = db.service_with(small_limits(20, 100)).await;
+        concurrent_adds_respect_the_limit(service).await;
+    })
+    .await;
+}
+
 /// A group of 1,024 members (the default limit) is created in one call, in one
 /// transaction; ListMembers caps a page at 1000.
-#[tokio::test]
-async fn group_of_1024_in_one_call() {
-    let service = memory_service().await;
+async fn group_of_1024_in_one_call(db: TestDb) {
+    let service = db.service().await;
     let ids = users(&service, "user", 1024).await;
     let started = std::time::Instant::now();
     let created = service

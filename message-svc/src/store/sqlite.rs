@@ -441,6 +441,12 @@ async fn count_unread(
 }
 
 impl LogWriter for SqliteLogWriter {
+    /// One process owns the file: the writer may keep sequence numbers between
+    /// transactions.
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         // IMMEDIATE takes the write lock now rather than at the first INSERT, so a
         // busy database is waited for (busy_timeout) before any work is done.

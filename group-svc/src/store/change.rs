@@ -1,22 +1,26 @@
 //! One change of a conversation's membership or metadata, as a transaction.
 
-use sqlx::{Sqlite, Transaction};
-
-use super::{IdsOf, add_to_member_count, ids_in, insert_members, read_conversation, read_member};
+use super::backend::{Tx, distinct, run};
+use super::{Conversation, ConversationKind, Member, Metadata, Role};
 use crate::GroupError;
-use crate::store::{Conversation, ConversationKind, Member, Metadata, Role};
 
 /// A change of one conversation in progress: a transaction whose first statement
-/// bumped the conversation's version, so it holds the write lock throughout and
-/// what it reads cannot change under it.
+/// bumped the conversation's version, so it holds the lock throughout (SQLite's
+/// write lock, PostgreSQL's row lock) and the conversation cannot change under it.
+///
+/// The member count it checks limits against is read under that lock, and every
+/// insert into or delete from the members of an existing conversation runs inside a
+/// change; so concurrent adds are counted one after the other on both backends.
 ///
 /// [`Change::commit`] keeps the change and its new version; [`Change::unchanged`],
 /// an error (`?`) or a drop roll everything back, the version bump included.
 #[derive(Debug)]
 pub(crate) struct Change {
     /// Open until `commit` or `unchanged`; rolls back on drop.
-    tx: Transaction<'static, Sqlite>,
+    tx: Tx,
+    /// The conversation being changed.
     conversation_id: i64,
+    /// Its kind, which never changes.
     kind: ConversationKind,
     /// As of this change: adjusted by its own inserts and deletes.
     member_count: u32,
@@ -27,37 +31,20 @@ pub(crate) struct Change {
 impl Change {
     /// Bumps the version of conversation `id` inside `tx`; `None` when there is no
     /// such conversation.
-    pub(super) async fn begin(
-        mut tx: Transaction<'static, Sqlite>,
-        id: i64,
-    ) -> Result<Option<Self>, GroupError> {
-        // The UPDATE comes first so that the lock is taken before anything is read:
-        // SQLite's writer lock (no read-then-upgrade failures), PostgreSQL's row lock.
-        let row: Option<(String, i64, String, String, String)> = sqlx::query_as(
-            "UPDATE conversations SET version = version + 1 WHERE id = $1 \
-             RETURNING kind, member_count, name, topic, avatar_url",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((kind, member_count, name, topic, avatar_url)) = row else {
+    pub(super) async fn begin(mut tx: Tx, id: i64) -> Result<Option<Self>, GroupError> {
+        let Some(head) = run!(&mut tx, bump_version(id))? else {
             return Ok(None);
         };
         Ok(Some(Self {
             tx,
             conversation_id: id,
-            kind: ConversationKind::from_db(&kind)
-                .ok_or(GroupError::Inconsistent("unknown conversation kind"))?,
-            member_count: u32::try_from(member_count)
-                .map_err(|_| GroupError::Inconsistent("member count out of range"))?,
-            metadata: Metadata {
-                name,
-                topic,
-                avatar_url,
-            },
+            kind: head.kind,
+            member_count: head.member_count,
+            metadata: head.metadata,
         }))
     }
 
+    /// Returns the kind of the conversation.
     pub(crate) fn kind(&self) -> ConversationKind {
         self.kind
     }
@@ -74,17 +61,19 @@ impl Change {
 
     /// Returns `user_id`'s membership.
     pub(crate) async fn member(&mut self, user_id: i64) -> Result<Option<Member>, GroupError> {
-        read_member(&mut self.tx, self.conversation_id, user_id).await
+        run!(&mut self.tx, read_member(self.conversation_id, user_id))
     }
 
     /// Returns the ids among `ids` that are users, deduplicated and ascending.
     pub(crate) async fn existing_users(&mut self, ids: &[i64]) -> Result<Vec<i64>, GroupError> {
-        ids_in(&mut self.tx, IdsOf::Users, ids).await
+        let ids = distinct(ids);
+        run!(&mut self.tx, existing_users(&ids))
     }
 
     /// Returns the ids among `ids` that are members, deduplicated and ascending.
     pub(crate) async fn members_among(&mut self, ids: &[i64]) -> Result<Vec<i64>, GroupError> {
-        ids_in(&mut self.tx, IdsOf::Members(self.conversation_id), ids).await
+        let ids = distinct(ids);
+        run!(&mut self.tx, members_among(self.conversation_id, &ids))
     }
 
     /// Adds `user_ids` (distinct existing users, none a member) with `role`.
@@ -94,14 +83,9 @@ impl Change {
         role: Role,
         joined_at_ms: i64,
     ) -> Result<(), GroupError> {
-        insert_members(
-            &mut self.tx,
-            self.conversation_id,
-            user_ids,
-            role,
-            joined_at_ms,
-        )
-        .await?;
+        self.tx
+            .insert_members(self.conversation_id, user_ids, role, joined_at_ms)
+            .await?;
         let added = u32::try_from(user_ids.len()).expect("checked against the size limit");
         self.member_count += added;
         Ok(())
@@ -109,60 +93,28 @@ impl Change {
 
     /// Removes member `user_id`.
     pub(crate) async fn delete_member(&mut self, user_id: i64) -> Result<(), GroupError> {
-        let deleted =
-            sqlx::query("DELETE FROM members WHERE conversation_id = $1 AND user_id = $2")
-                .bind(self.conversation_id)
-                .bind(user_id)
-                .execute(&mut *self.tx)
-                .await?
-                .rows_affected();
-        if deleted != 1 {
+        if !run!(&mut self.tx, delete_member(self.conversation_id, user_id))? {
             return Err(GroupError::Inconsistent("deleted member was not a member"));
         }
-        add_to_member_count(&mut self.tx, self.conversation_id, -1).await?;
+        run!(&mut self.tx, add_to_member_count(self.conversation_id, -1))?;
         self.member_count -= 1;
         Ok(())
     }
 
     /// Sets member `user_id`'s role.
     pub(crate) async fn set_role(&mut self, user_id: i64, role: Role) -> Result<(), GroupError> {
-        sqlx::query("UPDATE members SET role = $3 WHERE conversation_id = $1 AND user_id = $2")
-            .bind(self.conversation_id)
-            .bind(user_id)
-            .bind(role.as_db())
-            .execute(&mut *self.tx)
-            .await?;
-        Ok(())
+        run!(&mut self.tx, set_role(self.conversation_id, user_id, role))
     }
 
     /// Returns the longest-standing member with `role`: earliest `joined_at_ms`,
     /// then lowest user id.
     pub(crate) async fn senior_member(&mut self, role: Role) -> Result<Option<i64>, GroupError> {
-        // An index seek on members_seniority, even in a channel of a million members.
-        let user_id = sqlx::query_scalar(
-            "SELECT user_id FROM members WHERE conversation_id = $1 AND role = $2 \
-             ORDER BY joined_at_ms, user_id \
-             LIMIT 1",
-        )
-        .bind(self.conversation_id)
-        .bind(role.as_db())
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        Ok(user_id)
+        run!(&mut self.tx, senior_member(self.conversation_id, role))
     }
 
     /// Replaces the name, topic and avatar URL.
     pub(crate) async fn set_metadata(&mut self, metadata: &Metadata) -> Result<(), GroupError> {
-        sqlx::query(
-            "UPDATE conversations SET name = $2, topic = $3, avatar_url = $4 WHERE id = $1",
-        )
-        .bind(self.conversation_id)
-        .bind(&metadata.name)
-        .bind(&metadata.topic)
-        .bind(&metadata.avatar_url)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        run!(&mut self.tx, set_metadata(self.conversation_id, metadata))
     }
 
     /// Commits the change and returns the conversation after it, with its new version.
@@ -182,9 +134,9 @@ impl Change {
         Ok(conversation)
     }
 
+    /// Returns the conversation as this change sees it.
     async fn read(&mut self) -> Result<Conversation, GroupError> {
-        let conversation = read_conversation(&mut self.tx, self.conversation_id)
-            .await?
+        let conversation = run!(&mut self.tx, read_conversation(self.conversation_id))?
             .ok_or(GroupError::Inconsistent("changed conversation vanished"))?;
         debug_assert_eq!(conversation.member_count, self.member_count);
         Ok(conversation)

@@ -1,0 +1,104 @@
+//! Clients on different gateways talk as they would on one server.
+
+use super::*;
+
+/// Users on different gateways chat one to one and in a group: every message
+/// reaches every member device on either gateway, in one order; a retry
+/// through the other gateway gets the original id; a short load holds the
+/// invariants.
+#[tokio::test]
+async fn two_gateways_chat_one_to_one_and_in_groups() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await?;
+    let outcome = chat(&cluster).await;
+    cluster.with_logs(outcome)
+}
+
+async fn chat(cluster: &Cluster) -> Result<()> {
+    let (gw0, gw1) = (cluster.gateway(0), cluster.gateway(1));
+    let alice = gw0.register("alice").await?;
+    let bob = gw1.register("bob").await?;
+    let carol = gw1.register("carol").await?;
+    let direct = gw0.open_direct(&alice, &bob).await?;
+    ensure!(
+        gw1.open_direct(&bob, &alice).await? == direct,
+        "the two gateways disagree on the direct conversation"
+    );
+
+    let (mut alice_grpc, _) = gw0.grpc_synced(&alice, "alice-phone", 0).await?;
+    let (mut bob_ws, _) = gw1
+        .ws_synced(&bob, Encoding::Binary, "bob-laptop", 0)
+        .await?;
+    let hello = alice_grpc.send(direct, "a-1", "hi bob").await?;
+    let got = next_chat(&mut bob_ws).await?;
+    ensure!(
+        got.id == hello.message_id && got.text == "hi bob",
+        "{got:?}"
+    );
+    let own = next_chat(&mut alice_grpc).await?;
+    ensure!(own.id == hello.message_id, "alice's own copy: {own:?}");
+    let reply = bob_ws.send(direct, "b-1", "hi alice").await?;
+    let got = next_chat(&mut alice_grpc).await?;
+    ensure!(got.id == reply.message_id, "{got:?}");
+    let own = next_chat(&mut bob_ws).await?;
+    ensure!(own.id == reply.message_id, "bob's own copy: {own:?}");
+    ensure!(
+        reply.message_id > hello.message_id,
+        "ids follow the order of the log"
+    );
+
+    // The same client_msg_id through the other gateway: the original message.
+    let (mut alice_again, _) = gw1
+        .ws_synced(&alice, Encoding::Json, "alice-tablet", u64::MAX / 2)
+        .await?;
+    let retry = alice_again.send(direct, "a-1", "hi bob").await?;
+    ensure!(
+        retry.duplicate && retry.message_id == hello.message_id,
+        "a retry on the other gateway: {retry:?}"
+    );
+
+    let group = gw1
+        .create_group(&carol, "trio", &[alice.id(), bob.id()])
+        .await?
+        .id;
+    let (mut carol_grpc, _) = gw0.grpc_synced(&carol, "carol-desk", 0).await?;
+    let mut sent = Vec::new();
+    sent.push(carol_grpc.send(group, "c-1", "welcome").await?.message_id);
+    sent.push(alice_grpc.send(group, "a-2", "thanks").await?.message_id);
+    sent.push(bob_ws.send(group, "b-2", "hello all").await?.message_id);
+    for (who, seen) in [
+        ("alice", three(&mut alice_grpc).await?),
+        ("bob", three(&mut bob_ws).await?),
+        ("carol", three(&mut carol_grpc).await?),
+    ] {
+        ensure!(seen == sent, "{who} saw {seen:?}, the log has {sent:?}");
+    }
+    let history = gw1.history(&alice, group, 0, 0, 50).await?;
+    let mut stored: Vec<i64> = history
+        .messages
+        .iter()
+        .filter(|message| message.notice.is_none())
+        .map(|message| message.id)
+        .collect();
+    stored.reverse();
+    ensure!(stored == sent, "history {stored:?}, sent {sent:?}");
+
+    let config = LoadConfig {
+        users: 6,
+        messages_per_device: 30,
+        name: "chat".to_owned(),
+        ..LoadConfig::default()
+    };
+    let load = Load::start(cluster.gateways(), config).await?;
+    finish_and_check("two_gateways_chat", cluster, load, None).await?;
+    Ok(())
+}
+
+/// Reads the next three chat messages and returns their ids.
+async fn three<T: Transport>(conn: &mut Conn<T>) -> Result<Vec<i64>> {
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(next_chat(conn).await.context("a group message")?.id);
+    }
+    Ok(ids)
+}
