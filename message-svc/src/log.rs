@@ -667,6 +667,7 @@ async fn consume(
             };
             match next {
                 Some(Ok(message)) => {
+                    observe(partition, &message);
                     if let Some(record) = queue(&front, message).await
                         && in_flight.send(record).await.is_err()
                     {
@@ -682,6 +683,21 @@ async fn consume(
     }
     drop(in_flight);
     let _ = answering.await;
+}
+
+/// Records the partition's lag (records in the log not yet delivered to its
+/// owner) and counts redeliveries (records a dead or slow owner left
+/// unacknowledged).
+fn observe(partition: u32, message: &jetstream::Message) {
+    let Ok(info) = message.info() else {
+        return;
+    };
+    let partition = partition.to_string();
+    metrics::gauge!("confab_log_consumer_pending", "partition" => partition.clone())
+        .set(info.pending as f64);
+    if info.delivered > 1 {
+        metrics::counter!("confab_log_redeliveries_total", "partition" => partition).increment(1);
+    }
 }
 
 /// Prepares one record and queues it for the writer; answers at once what is

@@ -102,3 +102,108 @@ async fn three<T: Transport>(conn: &mut Conn<T>) -> Result<Vec<i64>> {
     }
     Ok(ids)
 }
+
+/// Invariants 5 and 6 across gateways: a stranger learns nothing of a group and
+/// cannot post to it; a member removed through one gateway gets nothing sent
+/// through the other after the removal notice, and their history ends there;
+/// oversized and malformed sends are refused and change nothing.
+#[tokio::test]
+async fn members_only_and_bad_input_across_gateways() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await?;
+    let outcome = members_only(&cluster).await;
+    cluster.with_logs(outcome)
+}
+
+async fn members_only(cluster: &Cluster) -> Result<()> {
+    use confab_proto::v1::RemoveMemberRequest;
+
+    let (gw0, gw1) = (cluster.gateway(0), cluster.gateway(1));
+    let alice = gw0.register("alice").await?;
+    let bob = gw1.register("bob").await?;
+    let dave = gw1.register("dave").await?;
+    let mallory = gw0.register("mallory").await?;
+    let group = gw0
+        .create_group(&alice, "team", &[bob.id(), dave.id()])
+        .await?
+        .id;
+    let (mut bob_ws, _) = gw1
+        .ws_synced(&bob, Encoding::Binary, "bob-laptop", 0)
+        .await?;
+    let (mut dave_grpc, _) = gw1.grpc_synced(&dave, "dave-phone", 0).await?;
+    let (mut mallory_grpc, _) = gw0.grpc_synced(&mallory, "mallory-phone", 0).await?;
+    let first = bob_ws.send(group, "b-1", "before").await?;
+    ensure!(
+        next_chat(&mut dave_grpc).await?.id == first.message_id,
+        "dave gets it"
+    );
+
+    // A stranger: the same answer as for a conversation that does not exist.
+    let stranger = gw0.history(&mallory, group, 0, 0, 50).await;
+    let missing = gw0.history(&mallory, 424_242, 0, 0, 50).await;
+    ensure!(
+        confab_tests::accounts::status_code(
+            stranger.as_ref().err().context("history to a stranger")?
+        ) == Some(tonic::Code::NotFound)
+            && confab_tests::accounts::status_code(
+                missing.as_ref().err().context("history of nothing")?
+            ) == Some(tonic::Code::NotFound),
+        "stranger {stranger:?}, missing {missing:?}"
+    );
+    let posted = mallory_grpc.send_reply(group, "m-1", "let me in").await?;
+    let nowhere = mallory_grpc.send_reply(424_242, "m-2", "anyone?").await?;
+    ensure!(
+        matches!((&posted, &nowhere), (confab_tests::Reply::Error(a), confab_tests::Reply::Error(b)) if a.code == b.code),
+        "a stranger's send {posted:?} must look like a send to nothing {nowhere:?}"
+    );
+
+    // Bad input through the other gateway: refused, nothing stored.
+    let huge = "x".repeat(20_000);
+    let oversized = bob_ws.send_reply(group, "b-big", &huge).await?;
+    let nameless = bob_ws.send_reply(group, "", "no client_msg_id").await?;
+    ensure!(
+        matches!(oversized, confab_tests::Reply::Error(_))
+            && matches!(nameless, confab_tests::Reply::Error(_)),
+        "oversized {oversized:?}, nameless {nameless:?}"
+    );
+
+    // Removal through gateway 0; a send through gateway 1 afterwards.
+    let mut alice_client = gw0.conversations(&alice).await?;
+    alice_client
+        .remove_member(RemoveMemberRequest {
+            conversation_id: group,
+            user_id: dave.id(),
+        })
+        .await?;
+    let (_, removal) = dave_grpc.next_message().await?;
+    ensure!(
+        removal.notice.is_some(),
+        "dave gets the removal notice: {removal:?}"
+    );
+    let after = bob_ws.send(group, "b-2", "dave is gone").await?;
+    dave_grpc
+        .expect_quiet(7)
+        .await
+        .context("nothing reaches dave after his removal")?;
+    let refused = dave_grpc.send_reply(group, "d-1", "still here?").await?;
+    ensure!(
+        matches!(refused, confab_tests::Reply::Error(_)),
+        "{refused:?}"
+    );
+    let seen = gw0.history(&dave, group, 0, 0, 50).await?;
+    ensure!(
+        seen.messages.first().map(|m| m.id) == Some(removal.id),
+        "dave's history ends at his removal: {:?}",
+        seen.messages.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    let all = gw1.history(&bob, group, 0, 0, 50).await?;
+    let texts: Vec<&str> = all.messages.iter().map(|m| m.text.as_str()).collect();
+    ensure!(
+        all.messages.first().map(|m| m.id) == Some(after.message_id)
+            && !texts
+                .iter()
+                .any(|t| t.len() > 16_384 || *t == "still here?" || *t == "let me in"),
+        "history holds only what was accepted: {texts:?}"
+    );
+    Ok(())
+}
