@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::SmallCodec")
         .build_client(true)
         .build_server(true)
+        // New RPCs answer UNIMPLEMENTED in test fakes of a service (message-svc
+        // and presence-svc fake `Groups`) until they need them.
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,6 +14,42 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// The servers one run drives: one server, or several gateways of one cluster
+/// over which the clients spread (client `i` on server `i % n`).
+#[derive(Debug, Clone)]
+pub(crate) struct Servers(Vec<String>);
+
+impl Servers {
+    /// Wraps the URLs of `--server`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when there is no URL or an empty one.
+    pub(crate) fn new(urls: Vec<String>) -> anyhow::Result<Self> {
+        let urls: Vec<String> = urls.iter().map(|url| url.trim().to_owned()).collect();
+        anyhow::ensure!(
+            !urls.is_empty() && urls.iter().all(|url| !url.is_empty()),
+            "--server needs at least one URL and no empty one"
+        );
+        Ok(Self(urls))
+    }
+
+    /// The server of set-up calls (registrations, conversations): the first.
+    pub(crate) fn first(&self) -> &str {
+        self.nth(0)
+    }
+
+    /// The server of client `i`, round-robin.
+    pub(crate) fn nth(&self, i: usize) -> &str {
+        &self.0[i % self.0.len()]
+    }
+
+    /// Every URL, in the order given.
+    pub(crate) fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
 /// The server's frames on one live connection.
 pub(crate) type Inbound = tonic::Streaming<ServerFrame>;
 
@@ -128,4 +164,34 @@ pub(crate) async fn direct(channel: &Channel, token: &str, peer_id: i64) -> anyh
         .await?
         .into_inner();
     Ok(conversation.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_spread_round_robin_over_the_servers() {
+        let servers = Servers::new(vec!["http://a:1".into(), " http://b:2 ".into()]).unwrap();
+        assert_eq!(servers.first(), "http://a:1");
+        let picked: Vec<&str> = (0..5).map(|i| servers.nth(i)).collect();
+        assert_eq!(
+            picked,
+            [
+                "http://a:1",
+                "http://b:2",
+                "http://a:1",
+                "http://b:2",
+                "http://a:1"
+            ]
+        );
+        let one = Servers::new(vec!["http://a:1".into()]).unwrap();
+        assert!((0..3).all(|i| one.nth(i) == "http://a:1"));
+    }
+
+    #[test]
+    fn no_server_or_an_empty_one_is_refused() {
+        assert!(Servers::new(Vec::new()).is_err());
+        assert!(Servers::new(vec!["http://a:1".into(), String::new()]).is_err());
+    }
 }

@@ -16,7 +16,7 @@ use confab_proto::v1::{ClientFrame, Heartbeat, client_frame};
 use futures::StreamExt as _;
 use serde::Serialize;
 
-use crate::client::{mint, open};
+use crate::client::{Servers, mint, open};
 use crate::report::{RunResult, kib_field};
 
 /// Connections one bench process opens at most (the 20,000 open files cap,
@@ -70,8 +70,9 @@ struct Figures {
     kernel_bytes_per_connection: Option<f64>,
 }
 
-/// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
+/// Runs the scenario against `servers`: connection `i` through server `i % n`
+/// (`--server-pid` then names one of them).
+pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(
         (1..=MAX_CONNECTIONS).contains(&args.connections),
         "--connections must be 1..={MAX_CONNECTIONS}: one process may hold at most 20,000 open files here"
@@ -87,6 +88,7 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     let mut opening = futures::stream::iter(0..args.connections)
         .map(|i| {
             let token = mint(&args.external_secret, &format!("c{run_id:08x}u{i}"));
+            let server = servers.nth(i);
             async move { open(server, &token?).await }
         })
         .buffer_unordered(args.concurrency.max(1));

@@ -2,6 +2,8 @@
 //! `Edge.Stream`. One member posts M messages one after another; for each, the
 //! time from the send until the *last* other member has it is recorded, so the
 //! figure is the fan-out time of the whole group, not of its fastest member.
+//! With several servers (gateways of one cluster) member `i` connects to server
+//! `i % n`; the sender is member 0.
 //!
 //! Members are users of an external identity provider (the server must run with
 //! `--external-jwt-secret` equal to `--external-secret` here): the bench mints
@@ -21,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::client::{Inbound, authorized, mint, open};
+use crate::client::{Inbound, Servers, authorized, mint, open};
 use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the group scenario.
@@ -39,10 +41,12 @@ pub(crate) struct Args {
     external_secret: String,
 }
 
-/// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
+/// Runs the scenario against `servers`.
+pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(args.members >= 2, "a group needs two members");
-    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    let channel = Channel::from_shared(servers.first().to_owned())?
+        .connect()
+        .await?;
     let run_id: u32 = rand::random();
     eprintln!("setting up {} members", args.members);
     let mut tokens = Vec::with_capacity(args.members);
@@ -70,7 +74,7 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     let (arrivals, mut arrived) = mpsc::unbounded_channel();
     let mut sender = None;
     for (i, token) in tokens.iter().enumerate() {
-        let (out, inbound) = open(server, token).await?;
+        let (out, inbound) = open(servers.nth(i), token).await?;
         if i == 0 {
             sender = Some((out, inbound));
             continue;

@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::client::{authorized, direct, external_user, send_unary};
+use crate::client::{Servers, authorized, direct, external_user, send_unary};
 use crate::report::{Percentiles, RunResult, histogram, merge};
 
 /// The page size apps ask for when a conversation opens.
@@ -48,13 +48,16 @@ struct Figures {
     page_latency: Percentiles,
 }
 
-/// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
+/// Runs the scenario against `servers`: the fill goes through the first, reader
+/// `k` reads through server `k % n`.
+pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(
         args.messages > 0 && args.clients > 0,
         "need messages and clients"
     );
-    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    let channel = Channel::from_shared(servers.first().to_owned())?
+        .connect()
+        .await?;
     let run_id: u32 = rand::random();
     let secret = &args.external_secret;
     let (token, _) = external_user(&channel, secret, &format!("h{run_id:08x}a")).await?;
@@ -90,8 +93,10 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     let duration = Duration::from_secs(args.seconds);
     let started = Instant::now();
     let mut readers = Vec::with_capacity(args.clients);
-    for _ in 0..args.clients {
-        let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    for k in 0..args.clients {
+        let channel = Channel::from_shared(servers.nth(k).to_owned())?
+            .connect()
+            .await?;
         readers.push(tokio::spawn(read_pages(
             channel,
             token.clone(),

@@ -9,12 +9,15 @@
 //!   while traffic goes on.
 //! - [`connections`]: many idle, heartbeating connections; the server's memory
 //!   per connection.
-//! - [`client`]: live connections and external-token users.
+//! - [`client`]: live connections, external-token users, and the servers
+//!   (`--server` may name several gateways of one cluster).
 //! - [`report`]: the JSON result and Markdown report every run writes.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::client::Servers;
 
 mod client;
 mod connections;
@@ -27,9 +30,15 @@ mod report;
 /// Load generator for Confab.
 #[derive(Debug, Parser)]
 struct Cli {
-    /// The server's gRPC address.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:7600")]
-    server: String,
+    /// The server's gRPC address; several (comma-separated, or the flag
+    /// repeated) are gateways of one cluster, and clients spread over them.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7600"
+    )]
+    server: Vec<String>,
     /// Where each run writes its JSON result and appends to `report.md`.
     #[arg(long, global = true, default_value = "bench-results")]
     out: PathBuf,
@@ -54,7 +63,8 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let server = cli.server.as_str();
+    let servers = Servers::new(cli.server)?;
+    let server = &servers;
     let result = match cli.scenario {
         Scenario::OneToOne(args) => one_to_one::run(server, args).await?,
         Scenario::Group(args) => group::run(server, args).await?,
@@ -62,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Reconnect(args) => reconnect::run(server, args).await?,
         Scenario::Connections(args) => connections::run(server, args).await?,
     };
-    let path = result.write(&cli.out)?;
+    let path = result.with_servers(&servers).write(&cli.out)?;
     eprintln!("result written to {}", path.display());
     Ok(())
 }
@@ -77,4 +87,51 @@ fn progress(total: u64) -> indicatif::ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(args: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(["confab-bench"].iter().chain(args)).unwrap();
+        cli.server
+    }
+
+    #[test]
+    fn one_server_by_default() {
+        assert_eq!(servers(&["one-to-one"]), ["http://127.0.0.1:7600"]);
+        assert_eq!(
+            servers(&["--server", "http://a:1", "one-to-one"]),
+            ["http://a:1"]
+        );
+    }
+
+    #[test]
+    fn several_servers_comma_separated_or_repeated_before_or_after_the_scenario() {
+        let both = ["http://a:1", "http://b:2"];
+        assert_eq!(
+            servers(&["--server", "http://a:1,http://b:2", "one-to-one"]),
+            both
+        );
+        assert_eq!(
+            servers(&[
+                "--server",
+                "http://a:1",
+                "--server",
+                "http://b:2",
+                "one-to-one"
+            ]),
+            both
+        );
+        assert_eq!(
+            servers(&[
+                "one-to-one",
+                "--server",
+                "http://a:1",
+                "--server=http://b:2"
+            ]),
+            both
+        );
+    }
 }

@@ -3,7 +3,9 @@
 //! does not wait for the previous acknowledgement, so a slow server shows up as
 //! latency instead of hiding it). Latency is measured from the *scheduled* send
 //! time to the acknowledgement (*sent*) and to the arrival at the peer
-//! (*delivered*).
+//! (*delivered*). With several servers (gateways of one cluster) the two members
+//! of a pair connect to different ones: pair `i` sends through server `i % n` and
+//! receives through server `(i + 1) % n`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::Mutex;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::client::{authorized, open};
+use crate::client::{Servers, authorized, open};
 use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the one-to-one scenario.
@@ -53,9 +55,9 @@ impl Recorder {
     }
 }
 
-/// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
-    let channel = Channel::from_shared(server.to_owned())?
+/// Runs the scenario against `servers`.
+pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
+    let channel = Channel::from_shared(servers.first().to_owned())?
         .connect()
         .await
         .context("cannot connect to the server")?;
@@ -76,9 +78,11 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     );
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for pair in pairs {
+    for (i, pair) in pairs.into_iter().enumerate() {
+        let (sender_server, receiver_server) = pair_servers(servers, i);
         tasks.push(tokio::spawn(pair.run(
-            server.to_owned(),
+            sender_server.to_owned(),
+            receiver_server.to_owned(),
             interval,
             total_per_pair,
             epoch,
@@ -137,6 +141,12 @@ pub(crate) fn schedule(rate: u64, pairs: usize, seconds: u64) -> anyhow::Result<
     Ok((Duration::from_secs_f64(1.0 / per_pair), count))
 }
 
+/// Returns the servers of pair `i`'s sender and receiver: neighbours in the
+/// list, so that with several servers every message crosses from one to another.
+fn pair_servers(servers: &Servers, i: usize) -> (&str, &str) {
+    (servers.nth(i), servers.nth(i + 1))
+}
+
 /// One sender and one receiver in one direct conversation.
 struct Pair {
     sender_token: String,
@@ -180,14 +190,15 @@ impl Pair {
 
     async fn run(
         self,
-        server: String,
+        sender_server: String,
+        receiver_server: String,
         interval: Duration,
         count: u64,
         epoch: Instant,
         recorder: Arc<Mutex<Recorder>>,
     ) -> anyhow::Result<()> {
-        let (receiver_out, mut receiver_in) = open(&server, &self.receiver_token).await?;
-        let (sender_out, mut sender_in) = open(&server, &self.sender_token).await?;
+        let (receiver_out, mut receiver_in) = open(&receiver_server, &self.receiver_token).await?;
+        let (sender_out, mut sender_in) = open(&sender_server, &self.sender_token).await?;
         let mut sent = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut delivered = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
@@ -264,6 +275,22 @@ mod tests {
         let (interval, count) = schedule(2_000, 50, 10).unwrap();
         assert_eq!(interval, Duration::from_millis(25));
         assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn the_members_of_a_pair_use_different_servers_when_there_are_several() {
+        let two = Servers::new(vec!["http://a:1".into(), "http://b:2".into()]).unwrap();
+        assert_eq!(pair_servers(&two, 0), ("http://a:1", "http://b:2"));
+        assert_eq!(pair_servers(&two, 1), ("http://b:2", "http://a:1"));
+        let three = Servers::new(vec![
+            "http://a:1".into(),
+            "http://b:2".into(),
+            "http://c:3".into(),
+        ])
+        .unwrap();
+        assert_eq!(pair_servers(&three, 2), ("http://c:3", "http://a:1"));
+        let one = Servers::new(vec!["http://a:1".into()]).unwrap();
+        assert_eq!(pair_servers(&one, 7), ("http://a:1", "http://a:1"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::client::{connect, direct, external_user, send_unary};
+use crate::client::{Servers, connect, direct, external_user, send_unary};
 use crate::report::{Percentiles, RunResult, histogram};
 
 /// How long a receiver waits for the rest of the messages once the senders stop.
@@ -74,12 +74,16 @@ struct Seen {
     duplicates: u64,
 }
 
-/// Runs the scenario against `server`.
-pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
+/// Runs the scenario against `servers`: set-up through the first; pair `i`
+/// sends through server `i % n` and receives (and resumes) through server
+/// `(i + 1) % n`.
+pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(args.pairs > 0, "need at least one pair");
     // The schedule of one second gives the interval; senders run until stopped.
     let (interval, _) = crate::one_to_one::schedule(args.rate, args.pairs, 1)?;
-    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    let channel = Channel::from_shared(servers.first().to_owned())?
+        .connect()
+        .await?;
     let run_id: u32 = rand::random();
     let secret = &args.external_secret;
 
@@ -101,22 +105,25 @@ pub(crate) async fn run(server: &str, args: Args) -> anyhow::Result<RunResult> {
     let (stop_sending_tx, stop_sending_rx) = watch::channel(false);
     let mut receivers = Vec::with_capacity(pairs.len());
     let mut senders = Vec::with_capacity(pairs.len());
-    for (sender, receiver, conversation_id) in pairs {
+    for (i, (sender, receiver, conversation_id)) in pairs.into_iter().enumerate() {
         let acked = Acked::default();
-        let (out, mut inbound) = connect(server, &receiver, "bench-r", 0).await?;
+        let receiver_server = servers.nth(i + 1);
+        let (out, mut inbound) = connect(receiver_server, &receiver, "bench-r", 0).await?;
         let mut cursor = 0;
         // The receiver starts from a complete catch-up, so that the drop finds
         // it live.
         while !next(&mut inbound, &mut cursor, &mut HashMap::new()).await? {}
         receivers.push(tokio::spawn(receive(
-            server.to_owned(),
+            receiver_server.to_owned(),
             receiver,
             (out, inbound, cursor),
             acked.clone(),
             drop_rx.clone(),
             stop_rx.clone(),
         )));
-        let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+        let channel = Channel::from_shared(servers.nth(i).to_owned())?
+            .connect()
+            .await?;
         senders.push(tokio::spawn(send(
             channel,
             sender,

@@ -106,6 +106,8 @@ pub(crate) struct RunResult {
     /// Milliseconds since the Unix epoch at the end of the run.
     pub(crate) finished_at_ms: u128,
     pub(crate) machine: Machine,
+    /// The `--server` URLs: one server, or the gateways of one cluster.
+    pub(crate) servers: Vec<String>,
     pub(crate) parameters: serde_json::Value,
     pub(crate) figures: serde_json::Value,
 }
@@ -128,9 +130,16 @@ impl RunResult {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis(),
             machine: Machine::current(),
+            servers: Vec::new(),
             parameters: serde_json::to_value(parameters)?,
             figures: serde_json::to_value(figures)?,
         })
+    }
+
+    /// Records the servers the run drove.
+    pub(crate) fn with_servers(mut self, servers: &crate::client::Servers) -> Self {
+        self.servers = servers.urls().to_vec();
+        self
     }
 
     /// Writes the JSON result into `dir` and appends a section to
@@ -164,6 +173,9 @@ impl RunResult {
             machine.kernel.as_deref().unwrap_or("unknown"),
             json.file_name().unwrap_or_default().to_string_lossy(),
         );
+        if !self.servers.is_empty() {
+            text.push_str(&format!("servers: {}\n\n", self.servers.join(", ")));
+        }
         text.push_str("| parameter | value |\n|---|---|\n");
         push_rows(&mut text, "", &self.parameters);
         text.push_str("\n| figure | value |\n|---|---|\n");
@@ -241,7 +253,10 @@ mod tests {
             &serde_json::json!({ "clients": 2 }),
             &serde_json::json!({ "pages_per_s": 12.5, "latency": { "count": 3 } }),
         )
-        .unwrap();
+        .unwrap()
+        .with_servers(
+            &crate::client::Servers::new(vec!["http://a:1".into(), "http://b:2".into()]).unwrap(),
+        );
         let path = result.write(dir.path()).unwrap();
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -255,9 +270,17 @@ mod tests {
             assert!(json.get(key).is_some(), "{key} missing in {json}");
         }
         assert_eq!(json["scenario"], "history");
+        assert_eq!(
+            json["servers"],
+            serde_json::json!(["http://a:1", "http://b:2"])
+        );
         assert!(json["machine"]["cores"].as_u64().unwrap() >= 1);
         let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
         assert!(report.contains("## history"), "{report}");
+        assert!(
+            report.contains("servers: http://a:1, http://b:2"),
+            "{report}"
+        );
         assert!(report.contains("| clients | 2 |"), "{report}");
         assert!(report.contains("| pages_per_s | 12.50 |"), "{report}");
         assert!(report.contains("| latency.count | 3 |"), "{report}");

@@ -3,10 +3,19 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+/// Targets capped at `info` whatever `RUST_LOG` says: below that they dump
+/// whole frames, and frames carry message text and tokens (issue 7: logs never
+/// hold secrets).
+const FRAME_DUMPERS: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+
 /// Installs the fmt tracing subscriber, filtered by `RUST_LOG` (default `info`).
 /// Does nothing when one is installed already.
 pub fn init_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = FRAME_DUMPERS
+        .iter()
+        .filter_map(|directive| directive.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only on a terminal: logs piped to files or collectors stay plain.

@@ -94,6 +94,10 @@ pub(crate) struct ServeArgs {
     /// Lifetime of refresh tokens, in seconds.
     #[arg(long, env = "CONFAB_REFRESH_TTL_SECS", default_value_t = 30 * 24 * 3600)]
     refresh_ttl_secs: u64,
+    /// How long past its expiry a token is still accepted, in seconds (clock
+    /// skew between the issuer and this server).
+    #[arg(long, env = "CONFAB_TOKEN_LEEWAY_SECS", default_value_t = 30)]
+    token_leeway_secs: u64,
     /// Secret that signs Confab's tokens; generated and kept in the data
     /// directory (`jwt-secret`) when not given.
     #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true)]
@@ -233,6 +237,15 @@ pub(crate) struct LimitArgs {
     /// pings after half of it. In seconds.
     #[arg(long, env = "CONFAB_WS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     ws_idle_timeout_secs: u64,
+    /// A new connection that has not sent its request headers (HTTP/1.1) or
+    /// its preface and settings (h2c) after this long is closed. In seconds.
+    #[arg(
+        long,
+        env = "CONFAB_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    header_read_timeout_secs: u64,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -353,6 +366,7 @@ fn gateway_config(args: &ServeArgs) -> GatewayConfig {
         invitations_per_minute: args.limits.invitations_per_minute,
         ws_allowed_origins: args.limits.ws_allowed_origins.clone(),
         ws_idle_timeout: Duration::from_secs(args.limits.ws_idle_timeout_secs),
+        header_read_timeout: Duration::from_secs(args.limits.header_read_timeout_secs),
         ..GatewayConfig::default()
     }
 }
@@ -422,7 +436,8 @@ fn token_service(args: &ServeArgs) -> anyhow::Result<TokenService> {
         &secret,
         Duration::from_secs(args.access_ttl_secs),
         Duration::from_secs(args.refresh_ttl_secs),
-    )?;
+    )?
+    .with_leeway(Duration::from_secs(args.token_leeway_secs));
     let issuer = args.external_jwt_issuer.as_deref();
     let audience = args.external_jwt_audience.as_deref();
     let external = if let Some(secret) = &args.external_jwt_secret {

@@ -15,10 +15,21 @@
 //! catch-up; the live event is then sent next, or skipped when the fetch sent it
 //! already. The hub's resync request (after the bus reconnected) runs the same
 //! fetch with no live event to trigger it, for losses at the tail.
+//!
+//! **Token lifetime.** A connection lives no longer than the access token it
+//! authenticated with (its `exp` plus the leeway): then it gets a fatal error
+//! frame of reason `token_expired`. A client keeps it open by sending
+//! `Reauthenticate` with a fresh access token of the same user before that; the
+//! new token's expiry (and session) replace the old. A new `Hello` is not
+//! accepted for this: a hello starts a connection (cursor, catch-up), a
+//! reauthentication changes nothing but the credentials. A logout closes the
+//! connection through the hub (`Kicked::LoggedOut`, reason `logged_out`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use confab_common::bus::LiveEvent;
 use confab_common::channel::retry_idempotent;
@@ -30,14 +41,15 @@ use confab_proto::presence::v1::{
 use confab_proto::session::v1::{RegisterDeviceRequest, UnregisterDeviceRequest};
 use confab_proto::v1::{
     ClientFrame, CloseChannel, ConversationKind, Delivered, Done, Error as ErrorFrame, Event,
-    Heartbeat, Hello, MarkRead, OpenChannel, Pong, SendAck, SendMessage, ServerFrame, SyncComplete,
-    Typing, Welcome, client_frame, event, server_frame,
+    Heartbeat, Hello, MarkRead, OpenChannel, Pong, Reauthenticate, SendAck, SendMessage,
+    ServerFrame, SyncComplete, Typing, Welcome, client_frame, event, server_frame,
 };
 use futures::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 use crate::Gateway;
+use crate::auth::Caller;
 use crate::hub::{Kicked, MAX_WATCHED_USERS};
 use crate::limits::Limits;
 
@@ -86,7 +98,8 @@ pub(crate) enum End {
     ClientClosed,
     /// The peer stopped reading or the socket failed.
     SinkClosed,
-    /// No valid `Hello` first, or no valid token.
+    /// No valid `Hello` first, or no valid token; or the token expired, or was
+    /// revoked by a logout, while the connection was open.
     Refused,
     /// A frame over the size limit.
     TooLarge,
@@ -100,14 +113,14 @@ pub(crate) enum End {
     Idle,
 }
 
-/// Runs one connection until it ends. `user_id` is set when the transport
+/// Runs one connection until it ends. `caller` is set when the transport
 /// authenticated already (header or metadata); otherwise the `Hello` carries the
 /// token.
 pub(crate) async fn run<I, S>(
     gateway: Arc<Gateway>,
     limits: Arc<Limits>,
     closing: CancellationToken,
-    user_id: Option<i64>,
+    caller: Option<Caller>,
     mut inbound: I,
     sink: &mut S,
 ) -> End
@@ -133,16 +146,17 @@ where
             return End::Refused;
         }
     };
-    let user_id = match user_id {
-        Some(id) => id,
-        None => match crate::auth::user_id(&gateway.tokens, &gateway.groups, &hello.token).await {
-            Ok(id) => id,
+    let caller = match caller {
+        Some(caller) => caller,
+        None => match crate::auth::caller(&gateway.tokens, &gateway.groups, &hello.token).await {
+            Ok(caller) => caller,
             Err(status) => {
                 let _ = sink.send(error_frame(reference, &status, true)).await;
                 return End::Refused;
             }
         },
     };
+    let user_id = caller.user_id;
     if let Err(status) = check_device_id(&hello) {
         let _ = sink.send(error_frame(reference, &status, true)).await;
         return End::Refused;
@@ -155,9 +169,13 @@ where
         return End::Refused;
     }
 
-    let registration = gateway
-        .hub
-        .register(user_id, &hello.device_id, gateway.config.live_queue);
+    let registration = gateway.hub.register_in_session(
+        user_id,
+        &hello.device_id,
+        gateway.config.live_queue,
+        &caller.session,
+        caller.issued_at_ms,
+    );
     metrics::gauge!("confab_gateway_connections").increment(1.0);
     let session = Session {
         gateway: gateway.clone(),
@@ -165,6 +183,7 @@ where
         user_id,
         device_id: hello.device_id.clone(),
         connection_id: registration.connection_id,
+        expires_at_ms: AtomicI64::new(caller.expires_at_ms),
     };
     session.announce().await;
     let end = session
@@ -213,6 +232,7 @@ pub(crate) fn user_has_room(
     device_id: &str,
 ) -> Result<(), Status> {
     if gateway.hub.connections_of(user_id, device_id) >= limits.max_per_user {
+        crate::limits::Refusal::ConnectionsPerUser.count();
         return Err(Status::resource_exhausted(format!(
             "at most {} live connections per user",
             limits.max_per_user
@@ -229,6 +249,9 @@ struct Session {
     user_id: i64,
     device_id: String,
     connection_id: u64,
+    /// When the connection's access token expires (ms since the Unix epoch,
+    /// leeway not added); `Reauthenticate` moves it.
+    expires_at_ms: AtomicI64,
 }
 
 impl Session {
@@ -266,6 +289,10 @@ impl Session {
         // events keep flowing to the device during a send's commit.
         let mut answering: Option<Pin<Box<dyn Future<Output = Vec<ServerFrame>> + Send + '_>>> =
             None;
+        // Fires at the token's expiry as it was when armed; the expiry is read
+        // again then, as a reauthentication may have moved it.
+        let expiry = tokio::time::sleep_until(self.token_deadline());
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
@@ -273,6 +300,19 @@ impl Session {
                     let status = Status::unavailable("server shutting down; reconnect with your cursor");
                     let _ = sink.send(error_frame(0, &status, true)).await;
                     return End::Shutdown;
+                }
+                () = &mut expiry => {
+                    let deadline = self.token_deadline();
+                    if deadline > tokio::time::Instant::now() {
+                        expiry.as_mut().reset(deadline);
+                        continue;
+                    }
+                    let status = Status::unauthenticated(
+                        "token expired; reauthenticate, or reconnect with a new token",
+                    );
+                    let reply = error_frame_reason(0, &status, "token_expired", true);
+                    let _ = sink.send(reply).await;
+                    return End::Refused;
                 }
                 () = registration.resync.notified() => {
                     metrics::counter!("confab_gateway_gap_fills_total", "cause" => "resync").increment(1);
@@ -285,6 +325,11 @@ impl Session {
                     let Some(live) = live else {
                         return self.kicked(&registration, sink).await;
                     };
+                    // Internal (the hub acts on it and never queues it): never
+                    // a client's data.
+                    if matches!(live.event.kind, Some(event::Kind::Revocation(_))) {
+                        continue;
+                    }
                     // Channel posts, presence and typing (seq 0) are in no sequence.
                     // For the rest, catch-up may have sent the event already: the
                     // join of the two is by seq.
@@ -341,6 +386,41 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Returns when the connection's token stops being accepted: its expiry
+    /// plus the leeway.
+    fn token_deadline(&self) -> tokio::time::Instant {
+        let leeway = self.gateway.tokens.leeway();
+        let expires_at_ms = self.expires_at_ms.load(Ordering::Relaxed);
+        let left_ms = expires_at_ms.saturating_sub(confab_common::now_ms());
+        let left = Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)) + leeway;
+        // Far enough for any token, small enough not to overflow an Instant.
+        tokio::time::Instant::now() + left.min(Duration::from_secs(100 * 365 * 24 * 3600))
+    }
+
+    /// Replaces the connection's token with `token`, a valid access token of
+    /// the same user: its expiry and session from now on.
+    async fn reauthenticate(&self, reference: u64, token: &str) -> ServerFrame {
+        let gateway = &self.gateway;
+        let caller = match crate::auth::caller(&gateway.tokens, &gateway.groups, token).await {
+            Ok(caller) if caller.user_id == self.user_id => caller,
+            // Another user's token: as terse as any refused token.
+            Ok(_) => {
+                let status = Status::unauthenticated(crate::auth::REFUSED);
+                return error_frame(reference, &status, false);
+            }
+            Err(status) => return error_frame(reference, &status, false),
+        };
+        gateway.hub.reauthenticated(
+            self.user_id,
+            self.connection_id,
+            &caller.session,
+            caller.issued_at_ms,
+        );
+        self.expires_at_ms
+            .store(caller.expires_at_ms, Ordering::Relaxed);
+        frame(reference, server_frame::Kind::Done(Done {}))
     }
 
     /// Sends every stored event after `start`; returns the last seq sent (the
@@ -449,6 +529,9 @@ impl Session {
                     Ok(_) => done(),
                     Err(status) => error_frame(reference, &status, false),
                 }
+            }
+            Some(client_frame::Kind::Reauthenticate(Reauthenticate { token })) => {
+                self.reauthenticate(reference, &token).await
             }
             Some(client_frame::Kind::Hello(_)) => {
                 let status = Status::invalid_argument("hello was sent already");
@@ -614,19 +697,22 @@ impl Session {
         registration: &crate::hub::Registration,
         sink: &mut S,
     ) -> End {
-        let (status, end) = match registration.kicked.get() {
+        let (status, reason, end) = match registration.kicked.get() {
             Some(Kicked::Replaced) => (
                 Status::aborted("replaced by a newer connection of this device"),
+                "replaced",
                 End::Replaced,
             ),
-            _ => (
+            Some(Kicked::LoggedOut) => (
+                Status::unauthenticated("logged out"),
+                "logged_out",
+                End::Refused,
+            ),
+            Some(Kicked::SlowConsumer) | None => (
                 Status::resource_exhausted("too slow to keep up; reconnect with your cursor"),
+                "slow_consumer",
                 End::SlowConsumer,
             ),
-        };
-        let reason = match end {
-            End::Replaced => "replaced",
-            _ => "slow_consumer",
         };
         let _ = sink
             .send(error_frame_reason(0, &status, reason, true))

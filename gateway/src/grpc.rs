@@ -46,7 +46,13 @@ impl EdgeApi {
         }
     }
 
+    /// Returns the user the request's token speaks for.
     async fn caller<T>(&self, request: &Request<T>) -> Result<i64, Status> {
+        Ok(self.authenticated(request).await?.user_id)
+    }
+
+    /// Returns what the request's token says: user, session, expiry.
+    async fn authenticated<T>(&self, request: &Request<T>) -> Result<crate::auth::Caller, Status> {
         crate::auth::from_metadata(
             &self.gateway.tokens,
             &self.gateway.groups,
@@ -69,9 +75,11 @@ impl EdgeApi {
             .into_inner())
     }
 
-    fn auth_response(&self, user: User) -> AuthResponse {
-        let access = self.gateway.tokens.mint(user.id, TokenType::Access);
-        let refresh = self.gateway.tokens.mint(user.id, TokenType::Refresh);
+    /// Returns a new token pair for `user` in `session`.
+    fn auth_response(&self, user: User, session: &str) -> AuthResponse {
+        let tokens = &self.gateway.tokens;
+        let access = tokens.mint_in_session(user.id, TokenType::Access, session);
+        let refresh = tokens.mint_in_session(user.id, TokenType::Refresh, session);
         AuthResponse {
             user: Some(user),
             access_token: access.token,
@@ -119,8 +127,9 @@ impl Edge for EdgeApi {
     async fn stream(
         &self,
         request: Request<Streaming<ClientFrame>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        let user_id = self.caller(&request).await?;
+    ) -> Result<Response<FrameStream>, Status> {
+        let caller = self.authenticated(&request).await?;
+        let user_id = caller.user_id;
         // Refused before the stream opens; the device id comes later, with the
         // hello, so every connection of the user counts here.
         let slot = match peer(&request) {
@@ -150,12 +159,14 @@ impl Edge for EdgeApi {
         let closing = self.closing.clone();
         tokio::spawn(async move {
             let mut sink = GrpcSink(sender);
-            let end =
-                engine::run(gateway, limits, closing, Some(user_id), inbound, &mut sink).await;
+            let end = engine::run(gateway, limits, closing, Some(caller), inbound, &mut sink).await;
             // The address's slot is held for the stream's whole life.
             drop(slot);
             let status = match end {
-                End::TooLarge => Some(Status::resource_exhausted("frame too large")),
+                End::TooLarge => {
+                    crate::limits::Refusal::FrameSize.count();
+                    Some(Status::resource_exhausted("frame too large"))
+                }
                 End::Shutdown => Some(Status::unavailable("server shutting down")),
                 _ => None,
             };

@@ -10,6 +10,7 @@ use confab_proto::v1::accounts_server::AccountsServer;
 use confab_proto::v1::conversations_server::ConversationsServer;
 use confab_proto::v1::edge_server::EdgeServer;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic_health::server::HealthReporter;
 
 use crate::grpc::EdgeApi;
@@ -24,6 +25,9 @@ pub(crate) struct AppState {
     pub(crate) closing: CancellationToken,
     /// Abuse limits shared by every transport.
     pub(crate) limits: Arc<Limits>,
+    /// Holds every upgraded WebSocket, so that shutdown waits for their close
+    /// frames.
+    pub(crate) websockets: TaskTracker,
 }
 
 /// Flips every edge service to NOT_SERVING on shutdown, so that load balancers
@@ -49,6 +53,7 @@ pub(crate) fn router(
     gateway: Arc<Gateway>,
     limits: Arc<Limits>,
     closing: CancellationToken,
+    websockets: TaskTracker,
 ) -> Result<(Router, Health), GatewayError> {
     let api = EdgeApi::new(gateway.clone(), limits.clone(), closing.clone());
     let max = gateway.config.max_frame_bytes;
@@ -69,6 +74,7 @@ pub(crate) fn router(
         gateway,
         closing,
         limits,
+        websockets,
     };
     let http = Router::new()
         .route("/v1/ws", get(crate::ws::upgrade))

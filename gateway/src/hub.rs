@@ -12,12 +12,23 @@
 //! When live events may have been lost on the way here (the NATS connection of
 //! the distributed mode dropped for a while), [`Hub::resync_all`] asks every
 //! connection to fetch what it missed from the store.
+//!
+//! **Logout.** Every connection records the session and mint time of the token
+//! it authenticated with. [`Hub::revoke`] closes the user's connections that a
+//! revocation covers (reason `logged_out`), and publishes the revocation on the
+//! cluster bus (when one is set: the distributed mode) as an internal event
+//! for the user, so that every node holding one of the user's devices does the
+//! same when the event reaches its hub. Such an event is acted on here and
+//! never queued for a client.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use std::time::Instant;
+
 use confab_common::bus::{Audience, LiveBus, LiveEvent};
+use confab_proto::v1::{Event, Revocation, event};
 use parking_lot::RwLock;
 use tokio::sync::{Notify, mpsc};
 
@@ -28,6 +39,9 @@ pub enum Kicked {
     SlowConsumer,
     /// The same device connected again; the newer connection wins.
     Replaced,
+    /// The user logged out of the session (or of every device) whose token the
+    /// connection used.
+    LoggedOut,
 }
 
 /// A connection's end of the hub.
@@ -64,6 +78,12 @@ struct Slot {
     resync: Arc<Notify>,
     /// What this connection follows.
     topics: Vec<Topic>,
+    /// The session of the token the connection authenticated with (empty:
+    /// none); a logout of that session closes it.
+    session: String,
+    /// When that token was minted (ms since the Unix epoch); a logout from all
+    /// devices closes connections whose token is older.
+    issued_at_ms: i64,
 }
 
 /// The live devices of this node, by user, and who follows which topic.
@@ -74,6 +94,9 @@ pub struct Hub {
     /// Topic -> the (user, connection) pairs that follow it. Lock order: `users`
     /// before `followers`.
     followers: RwLock<HashMap<Topic, HashSet<(i64, u64)>>>,
+    /// Where revocations go for the other nodes (the distributed mode's NATS
+    /// bus); unset in the embedded mode, where this hub is the only one.
+    cluster: OnceLock<Arc<dyn LiveBus>>,
 }
 
 /// Channels one connection may have open at once.
@@ -87,9 +110,23 @@ impl Hub {
         Self::default()
     }
 
-    /// Registers a live connection of `device_id`, replacing an older connection of
-    /// the same device.
+    /// Registers a live connection of `device_id`, in no session, replacing an
+    /// older connection of the same device.
     pub fn register(&self, user_id: i64, device_id: &str, capacity: usize) -> Registration {
+        self.register_in_session(user_id, device_id, capacity, "", 0)
+    }
+
+    /// Registers a live connection of `device_id` authenticated with a token of
+    /// `session` minted at `issued_at_ms`, replacing an older connection of the
+    /// same device.
+    pub fn register_in_session(
+        &self,
+        user_id: i64,
+        device_id: &str,
+        capacity: usize,
+        session: &str,
+        issued_at_ms: i64,
+    ) -> Registration {
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed) + 1;
         let (sender, events) = mpsc::channel(capacity.max(1));
         let kicked = Arc::new(OnceLock::new());
@@ -101,6 +138,8 @@ impl Hub {
             kicked: kicked.clone(),
             resync: resync.clone(),
             topics: Vec::new(),
+            session: session.to_owned(),
+            issued_at_ms,
         };
         let mut users = self.users.write();
         let slots = users.entry(user_id).or_default();
@@ -119,6 +158,81 @@ impl Hub {
             events,
             kicked,
             resync,
+        }
+    }
+
+    /// Sends revocations to the other nodes through `bus` from now on (the
+    /// distributed mode); a second call is ignored.
+    pub fn set_cluster_bus(&self, bus: Arc<dyn LiveBus>) {
+        let _ = self.cluster.set(bus);
+    }
+
+    /// Records that a connection now runs on a token of `session` minted at
+    /// `issued_at_ms` (it reauthenticated).
+    pub fn reauthenticated(
+        &self,
+        user_id: i64,
+        connection_id: u64,
+        session: &str,
+        issued_at_ms: i64,
+    ) {
+        self.with_slot(user_id, connection_id, |slot| {
+            slot.session = session.to_owned();
+            slot.issued_at_ms = issued_at_ms;
+        });
+    }
+
+    /// Closes the connections of `user_id` that `revocation` covers, on this
+    /// node at once and, through the cluster bus, on the others.
+    pub fn revoke(&self, user_id: i64, revocation: Revocation) {
+        self.close_revoked(user_id, &revocation);
+        if let Some(bus) = self.cluster.get() {
+            let event = LiveEvent {
+                audience: Audience::User(user_id),
+                event: Event {
+                    seq: 0,
+                    kind: Some(event::Kind::Revocation(revocation)),
+                },
+                origin_device: None,
+                accepted_at: Instant::now(),
+            };
+            bus.publish(&[Arc::new(event)]);
+        }
+    }
+
+    /// Closes the connections of `user_id` opened with a token `revocation`
+    /// covers: of its session, or, without one, minted before its moment.
+    fn close_revoked(&self, user_id: i64, revocation: &Revocation) {
+        let covered = |slot: &Slot| {
+            if revocation.session_id.is_empty() {
+                slot.issued_at_ms < revocation.before_ms
+            } else {
+                slot.session == revocation.session_id
+            }
+        };
+        let mut closed = Vec::new();
+        {
+            let mut users = self.users.write();
+            let Some(slots) = users.get_mut(&user_id) else {
+                return;
+            };
+            let mut i = 0;
+            while i < slots.len() {
+                if covered(&slots[i]) {
+                    let slot = slots.swap_remove(i);
+                    let _ = slot.kicked.set(Kicked::LoggedOut);
+                    closed.push((slot.connection_id, slot.topics));
+                } else {
+                    i += 1;
+                }
+            }
+            if slots.is_empty() {
+                users.remove(&user_id);
+            }
+        }
+        for (connection_id, topics) in closed {
+            tracing::info!(user_id, connection_id, "closing logged-out connection");
+            self.unfollow(user_id, connection_id, &topics);
         }
     }
 
@@ -321,10 +435,18 @@ impl Hub {
 impl LiveBus for Hub {
     fn publish(&self, events: &[Arc<LiveEvent>]) {
         let mut overflowed = Vec::new();
+        let mut revoked = Vec::new();
         {
             let users = self.users.read();
             let followers = self.followers.read();
             for event in events {
+                // Internal: acted on, never queued for a client.
+                if let Some(event::Kind::Revocation(revocation)) = &event.event.kind {
+                    if let Audience::User(user_id) = event.audience {
+                        revoked.push((user_id, revocation.clone()));
+                    }
+                    continue;
+                }
                 let topic = match event.audience {
                     Audience::User(user_id) => {
                         for slot in users.get(&user_id).into_iter().flatten() {
@@ -349,6 +471,9 @@ impl LiveBus for Hub {
             overflowed.sort_unstable();
             overflowed.dedup();
             self.kick(&overflowed);
+        }
+        for (user_id, revocation) in revoked {
+            self.close_revoked(user_id, &revocation);
         }
     }
 }
@@ -501,6 +626,53 @@ mod tests {
             gone.resync.notified().now_or_never().is_none(),
             "an unregistered connection is left alone"
         );
+    }
+
+    /// A revocation of a session closes that session's connections; one of
+    /// everything before a moment closes those opened with older tokens; others
+    /// stay, and the revocation is never queued as an event.
+    #[test]
+    fn revocation_closes_covered_connections() {
+        let hub = Hub::new();
+        let mut phone = hub.register_in_session(1, "phone", 8, "s1", 100);
+        let tablet = hub.register_in_session(1, "tablet", 8, "s1", 200);
+        let mut laptop = hub.register_in_session(1, "laptop", 8, "s2", 300);
+        let mut other = hub.register_in_session(2, "x", 8, "s1", 100);
+        let revocation = |session: &str, before_ms| {
+            Arc::new(LiveEvent {
+                audience: Audience::User(1),
+                event: Event {
+                    seq: 0,
+                    kind: Some(event::Kind::Revocation(Revocation {
+                        session_id: session.to_owned(),
+                        before_ms,
+                    })),
+                },
+                origin_device: None,
+                accepted_at: Instant::now(),
+            })
+        };
+        hub.publish(&[revocation("s1", 0)]);
+        assert_eq!(phone.kicked.get(), Some(&Kicked::LoggedOut));
+        assert_eq!(tablet.kicked.get(), Some(&Kicked::LoggedOut));
+        assert!(phone.events.try_recv().is_err(), "never queued");
+        assert_eq!(laptop.kicked.get(), None);
+        assert_eq!(other.kicked.get(), None, "another user's session");
+        assert!(other.events.try_recv().is_err());
+
+        hub.reauthenticated(1, laptop.connection_id, "s3", 1_000);
+        hub.publish(&[revocation("", 1_000)]);
+        assert_eq!(laptop.kicked.get(), None, "its token is not older");
+        hub.revoke(
+            1,
+            Revocation {
+                session_id: String::new(),
+                before_ms: 1_001,
+            },
+        );
+        assert_eq!(laptop.kicked.get(), Some(&Kicked::LoggedOut));
+        assert!(laptop.events.try_recv().is_err());
+        assert_eq!(hub.connections(), 1);
     }
 
     /// A device that connects again replaces its older connection.

@@ -11,13 +11,14 @@
 //! - `grpc`: the gRPC edge services (`Edge`, `Accounts`, `Conversations`).
 //! - `http`: the router that puts everything on one port, `/metrics`, `/healthz`.
 //! - `limits`: abuse limits (rates per user, failed logins, connections per
-//!   address, WebSocket origins).
+//!   address, WebSocket origins) and the count of refusals.
+//! - `accept`: the serving loop: TCP accept, hyper connections (HTTP/1.1 with
+//!   upgrades, h2c), the header-read deadline, the drain at shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use confab_common::auth::TokenService;
 use confab_common::channel::GrpcChannel;
 use confab_proto::group::v1::groups_client::GroupsClient;
@@ -27,7 +28,9 @@ use confab_proto::session::v1::sessions_client::SessionsClient;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+mod accept;
 mod auth;
 mod engine;
 mod error;
@@ -76,8 +79,14 @@ pub struct GatewayConfig {
     /// without an `Origin` (native clients) always pass.
     pub ws_allowed_origins: Vec<String>,
     /// A WebSocket from which nothing (no frame, no pong) arrived for this long
-    /// is closed; the server pings after half of it.
+    /// is closed; the server pings after half of it. An h2c connection is
+    /// pinged after half of it too, and closed when the ping goes unanswered
+    /// for the other half.
     pub ws_idle_timeout: Duration,
+    /// How long a new TCP connection may take to send its request headers
+    /// (HTTP/1.1; also each later request of a kept-alive connection) or its
+    /// preface and settings (h2c) before it is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -98,6 +107,7 @@ impl Default for GatewayConfig {
             invitations_per_minute: 300,
             ws_allowed_origins: vec!["*".to_owned()],
             ws_idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -130,42 +140,55 @@ pub struct Gateway {
 ///
 /// # Errors
 ///
-/// Fails when the listener fails or the reflection service cannot be built.
+/// Fails when the reflection service cannot be built. Accept errors (such as
+/// running out of file descriptors) are logged and retried, never fatal.
 pub async fn serve(
     listener: TcpListener,
     gateway: Gateway,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let grace = gateway.config.grace;
+    let front = accept::Front {
+        header_read_timeout: gateway.config.header_read_timeout,
+        h2_keep_alive: gateway.config.ws_idle_timeout / 2,
+    };
     let closing = CancellationToken::new();
+    // Upgraded WebSockets leave hyper's connections: they are tracked here so
+    // that the drain waits for their close frames too.
+    let websockets = TaskTracker::new();
     let limits = Arc::new(limits::Limits::new(&gateway.config));
     tokio::spawn(prune(limits.clone(), closing.clone()));
-    let (router, health) = http::router(Arc::new(gateway), limits, closing.clone())?;
-    let stop_accepting = closing.clone();
-    // Small frames (acks, events) must leave at once: without TCP_NODELAY, Nagle's
-    // algorithm meets the peer's delayed ACK and holds them for tens of ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
-    // The peer address feeds the limits per address (WebSocket and gRPC alike).
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
-        shutdown.await;
-        health.set_not_serving().await;
-        // Live connections end on this token; axum then waits for them to close.
-        stop_accepting.cancel();
-    });
-    let server = tokio::spawn(server.into_future());
-    let result = tokio::select! {
-        joined = server => joined.map_err(std::io::Error::other)?,
-        () = async { closing.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the grace period");
-            Ok(())
+    let (router, health) = http::router(
+        Arc::new(gateway),
+        limits,
+        closing.clone(),
+        websockets.clone(),
+    )?;
+    let stop = {
+        let closing = closing.clone();
+        async move {
+            shutdown.await;
+            health.set_not_serving().await;
+            // Live connections end on this token: WebSockets with a close frame,
+            // gRPC streams with a final status.
+            closing.cancel();
         }
     };
-    result.map_err(Into::into)
+    let connections = accept::accept_until(listener, router, front, closing, stop).await;
+    // No new connection from here on; hyper closes idle connections, sends
+    // GOAWAY on h2c, and waits for what is in flight.
+    websockets.close();
+    let drained = async {
+        connections.shutdown().await;
+        websockets.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "connections still open after the grace period"
+        );
+    }
+    Ok(())
 }
 
 /// Forgets idle rate state every minute until the server closes.

@@ -5,6 +5,10 @@
 //! Every refusal is a RESOURCE_EXHAUSTED status whose message ends in a retry
 //! hint ("retry in N ms"), also given as `retry-after-ms` metadata; the caller's
 //! connection and every other user are left alone.
+//!
+//! Every refusal of any limit of the edge, here or in the transports, counts in
+//! `confab_refusals_total{reason}` ([`Refusal`]), so that an attack shows on a
+//! dashboard before it shows in latency.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -24,6 +28,53 @@ use crate::GatewayConfig;
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// Above this many tracked keys, expired login windows are swept on insert.
 const LOGIN_SWEEP_AT: usize = 10_000;
+
+/// Why the edge refused something: the `reason` label of
+/// `confab_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A user sent messages beyond the burst and sustained rate.
+    SendRate,
+    /// A user created groups or channels beyond the rate.
+    CreationRate,
+    /// A user added members beyond the rate.
+    InvitationRate,
+    /// A login while the account or the address had too many failures.
+    LoginFailures,
+    /// A connection beyond the address's maximum.
+    ConnectionsPerAddress,
+    /// A connection beyond the user's maximum.
+    ConnectionsPerUser,
+    /// A WebSocket upgrade from a browser origin not on the allow-list.
+    Origin,
+    /// A client frame beyond the size limit.
+    FrameSize,
+    /// A connection that did not send its request headers (HTTP/1.1) or its
+    /// preface and settings (h2c) within the header-read timeout.
+    HeaderTimeout,
+}
+
+impl Refusal {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::SendRate => "send_rate",
+            Self::CreationRate => "creation_rate",
+            Self::InvitationRate => "invitation_rate",
+            Self::LoginFailures => "login_failures",
+            Self::ConnectionsPerAddress => "connections_per_address",
+            Self::ConnectionsPerUser => "connections_per_user",
+            Self::Origin => "origin",
+            Self::FrameSize => "frame_size",
+            Self::HeaderTimeout => "header_timeout",
+        }
+    }
+
+    /// Counts one refusal of this kind.
+    pub(crate) fn count(self) {
+        metrics::counter!("confab_refusals_total", "reason" => self.as_str()).increment(1);
+    }
+}
 
 /// The limits of one gateway node, built from its [`GatewayConfig`].
 #[derive(Debug)]
@@ -87,9 +138,10 @@ impl Limits {
     ///
     /// RESOURCE_EXHAUSTED with a retry hint beyond the burst and sustained rate.
     pub(crate) fn send(&self, user_id: i64) -> Result<(), Status> {
-        self.sends
-            .check_key(&user_id)
-            .map_err(|not_until| rate_limited("too many messages", &not_until))
+        self.sends.check_key(&user_id).map_err(|not_until| {
+            Refusal::SendRate.count();
+            rate_limited("too many messages", &not_until)
+        })
     }
 
     /// Takes one conversation creation of `user_id`.
@@ -98,9 +150,10 @@ impl Limits {
     ///
     /// RESOURCE_EXHAUSTED with a retry hint beyond the rate.
     pub(crate) fn creation(&self, user_id: i64) -> Result<(), Status> {
-        self.creations
-            .check_key(&user_id)
-            .map_err(|not_until| rate_limited("too many conversations created", &not_until))
+        self.creations.check_key(&user_id).map_err(|not_until| {
+            Refusal::CreationRate.count();
+            rate_limited("too many conversations created", &not_until)
+        })
     }
 
     /// Takes `count` invitations of `user_id` (all or none).
@@ -118,12 +171,16 @@ impl Limits {
         };
         match self.invitations.check_key_n(&user_id, count) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(rate_limited("too many invitations", &not_until)),
+            Ok(Err(not_until)) => {
+                Refusal::InvitationRate.count();
+                Err(rate_limited("too many invitations", &not_until))
+            }
             Err(_) => Err(self.too_many_invitations()),
         }
     }
 
     fn too_many_invitations(&self) -> Status {
+        Refusal::InvitationRate.count();
         Status::resource_exhausted(format!(
             "at most {} invitations per minute",
             self.invitations_per_minute
@@ -145,7 +202,10 @@ impl Limits {
         let address = address.and_then(|ip| self.login_by_address.blocked_for(&ip));
         match account.max(address) {
             None => Ok(()),
-            Some(wait) => Err(retry_status("too many failed logins", wait)),
+            Some(wait) => {
+                Refusal::LoginFailures.count();
+                Err(retry_status("too many failed logins", wait))
+            }
         }
     }
 
@@ -163,6 +223,7 @@ impl Limits {
         let mut counts = self.by_address.lock();
         let count = counts.entry(address).or_default();
         if *count >= self.max_per_address {
+            Refusal::ConnectionsPerAddress.count();
             return None;
         }
         *count += 1;
@@ -177,8 +238,11 @@ impl Limits {
         let Some(allowed) = &self.allowed_origins else {
             return true;
         };
-        let origin = normalise(origin);
-        allowed.contains(&origin)
+        let allowed = allowed.contains(&normalise(origin));
+        if !allowed {
+            Refusal::Origin.count();
+        }
+        allowed
     }
 
     /// Forgets the rate state of users idle long enough to be back at a full

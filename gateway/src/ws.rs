@@ -9,6 +9,11 @@
 //! Before the upgrade: a browser's `Origin` must be on the allow-list (403), and
 //! the address and the user must have a connection to spare (429). After it,
 //! the server pings a quiet client and closes one silent for the idle timeout.
+//! A text frame that is not UTF-8 closes the connection with 1007 (RFC 6455,
+//! section 8.1). No extension is negotiated: a `permessage-deflate` offer is
+//! answered without it, since compressing attacker-chosen data next to secrets
+//! leaks them (CRIME, BREACH) and inflating costs memory the frame limit does
+//! not bound.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::engine::{self, End, FrameSink, Inbound};
 use crate::http::AppState;
+use crate::limits::Refusal;
 
 /// Per-connection read buffer. tungstenite's default is 128 KiB per connection,
 /// which would dominate the memory of idle connections; frames larger than this
@@ -47,9 +53,13 @@ pub(crate) async fn upgrade(
     // position; native clients send no Origin.
     let origin = headers.get(axum::http::header::ORIGIN);
     if let Some(origin) = origin {
-        let allowed = origin
-            .to_str()
-            .is_ok_and(|origin| state.limits.origin_allowed(origin));
+        let allowed = match origin.to_str() {
+            Ok(origin) => state.limits.origin_allowed(origin),
+            Err(_) => {
+                Refusal::Origin.count();
+                false
+            }
+        };
         if !allowed {
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }
@@ -66,11 +76,11 @@ pub(crate) async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .and_then(crate::auth::bearer);
     let token = header_token.or_else(|| query.get("access_token").map(String::as_str));
-    let user_id = match token {
+    let caller = match token {
         Some(token) => {
             let gateway = &state.gateway;
-            match crate::auth::user_id(&gateway.tokens, &gateway.groups, token).await {
-                Ok(id) => Some(id),
+            match crate::auth::caller(&gateway.tokens, &gateway.groups, token).await {
+                Ok(caller) => Some(caller),
                 Err(status) => {
                     return (StatusCode::UNAUTHORIZED, status.message().to_owned()).into_response();
                 }
@@ -78,15 +88,18 @@ pub(crate) async fn upgrade(
         }
         None => None,
     };
-    if let Some(user_id) = user_id {
+    if let Some(caller) = &caller {
         // No device id yet: every connection of the user counts.
         if let Err(status) =
-            crate::engine::user_has_room(&state.gateway, &state.limits, user_id, "")
+            crate::engine::user_has_room(&state.gateway, &state.limits, caller.user_id, "")
         {
+            // user_has_room counted the refusal.
             return (StatusCode::TOO_MANY_REQUESTS, status.message().to_owned()).into_response();
         }
     }
     let max = state.gateway.config.max_frame_bytes;
+    // Counts the connection as live until its close frame is out.
+    let live = state.websockets.token();
     upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -94,30 +107,40 @@ pub(crate) async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            connection(state, user_id, socket).await;
+            connection(state, caller, socket).await;
             // The address's slot is held for the connection's whole life.
             drop(slot);
+            drop(live);
         })
 }
 
-async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
+async fn connection(state: AppState, caller: Option<crate::auth::Caller>, socket: WebSocket) {
     let (sink, stream) = socket.split();
     // The format of the client's latest data frame; the replies follow it.
     let text = Arc::new(AtomicBool::new(false));
+    // Set when the client broke the protocol in a way that decides the close code.
+    let invalid_text = Arc::new(AtomicBool::new(false));
     let idle = state.gateway.config.ws_idle_timeout;
     let inbound = {
         let text = text.clone();
+        let invalid_text = invalid_text.clone();
         watch_idle(stream, idle)
             .map(move |read| match read {
-                Read::Message(message) => decode(message, &text),
+                Read::Message(message) => {
+                    let step = decode(message, &text);
+                    if matches!(step, Step::InvalidText) {
+                        invalid_text.store(true, Ordering::Relaxed);
+                    }
+                    step
+                }
                 Read::Quiet => Step::Yield(Inbound::Quiet),
                 Read::Idle => Step::Yield(Inbound::Idle),
             })
-            .take_while(|step| std::future::ready(!matches!(step, Step::Stop)))
+            .take_while(|step| std::future::ready(!matches!(step, Step::Stop | Step::InvalidText)))
             .filter_map(|step| {
                 std::future::ready(match step {
                     Step::Yield(inbound) => Some(inbound),
-                    Step::Skip | Step::Stop => None,
+                    Step::Skip | Step::Stop | Step::InvalidText => None,
                 })
             })
             .boxed()
@@ -127,12 +150,14 @@ async fn connection(state: AppState, user_id: Option<i64>, socket: WebSocket) {
         state.gateway,
         state.limits,
         state.closing,
-        user_id,
+        caller,
         inbound,
         &mut sink,
     )
     .await;
     let (code, reason) = match end {
+        // The inbound stream ended on the bad frame; the engine saw it as a close.
+        _ if invalid_text.load(Ordering::Relaxed) => (close_code::INVALID, "text frame not utf-8"),
         End::ClientClosed | End::SinkClosed => (close_code::NORMAL, ""),
         End::Refused => (close_code::POLICY, "refused"),
         End::TooLarge => (close_code::SIZE, "frame too large"),
@@ -201,6 +226,9 @@ enum Step {
     Skip,
     /// A close frame or a broken socket: the inbound stream ends.
     Stop,
+    /// A text frame that is not UTF-8: the inbound stream ends, and the close
+    /// frame says 1007.
+    InvalidText,
 }
 
 fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
@@ -221,7 +249,11 @@ fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
         }
         Ok(Message::Ping(_) | Message::Pong(_)) => Step::Skip,
         Ok(Message::Close(_)) => Step::Stop,
-        Err(error) if is_capacity(&error) => Step::Yield(Inbound::TooLarge),
+        Err(error) if caused_by(&error, CAPACITY) => {
+            Refusal::FrameSize.count();
+            Step::Yield(Inbound::TooLarge)
+        }
+        Err(error) if caused_by(&error, NOT_UTF8) => Step::InvalidText,
         Err(error) => {
             tracing::debug!(%error, "websocket read failed");
             Step::Stop
@@ -229,11 +261,17 @@ fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
     }
 }
 
-fn is_capacity(error: &axum::Error) -> bool {
+/// How tungstenite's errors start (it is not a dependency of ours, so its
+/// error type cannot be matched): an oversized message is a capacity error.
+const CAPACITY: &str = "Space limit exceeded";
+/// A text message that is not UTF-8.
+const NOT_UTF8: &str = "UTF-8 encoding error";
+
+/// Returns whether `error` or one of its causes reads `prefix...`.
+fn caused_by(error: &axum::Error, prefix: &str) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(cause) = source {
-        // tungstenite reports an oversized message as a capacity error.
-        if cause.to_string().starts_with("Space limit exceeded") {
+        if cause.to_string().starts_with(prefix) {
             return true;
         }
         source = cause.source();

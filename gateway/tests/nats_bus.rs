@@ -19,6 +19,7 @@ use confab_common::testkit::NatsServer;
 use confab_gateway::{Gateway, GatewayConfig, Hub};
 use confab_proto::bus::v1::{LiveBatch, LiveEnvelope};
 use confab_proto::group::v1::groups_client::GroupsClient;
+use confab_proto::group::v1::groups_server::GroupsServer;
 use confab_proto::message::v1::messages_client::MessagesClient;
 use confab_proto::message::v1::messages_server::{Messages, MessagesServer};
 use confab_proto::message::v1::{
@@ -452,6 +453,9 @@ async fn failed_lookup_drops_user_events_only() {
 /// A gateway node serving one device over gRPC, fed by NATS.
 struct Node {
     messages: Arc<MemMessages>,
+    /// group-svc on a temporary SQLite file, and the directory.
+    groups: GroupsClient<GrpcChannel>,
+    _store: tempfile::TempDir,
     hub: Arc<Hub>,
     bus: Arc<NatsBus>,
     tokens: TokenService,
@@ -463,6 +467,16 @@ struct Node {
 /// Starts a gateway node `gw-a` whose hub receives from NATS, with an in-memory
 /// message store and device registry, and a publisher on the same NATS.
 async fn gateway_node(server: &NatsServer) -> Node {
+    // The real group-svc: the gateway asks it about every token.
+    let store = tempfile::tempdir().expect("group store directory");
+    let group_service = confab_group_svc::GroupService::open_sqlite(
+        &store.path().join("meta.db"),
+        1,
+        confab_group_svc::GroupLimits::default(),
+    )
+    .await
+    .expect("group store");
+    let groups = GroupsClient::new(in_process(GroupsServer::new(group_service)));
     let sessions = Arc::new(MemSessions::default());
     let messages = Arc::new(MemMessages::default());
     let hub = Arc::new(Hub::new());
@@ -478,7 +492,7 @@ async fn gateway_node(server: &NatsServer) -> Node {
             ..GatewayConfig::default()
         },
         tokens: tokens.clone(),
-        groups: GroupsClient::new(unimplemented_channel()),
+        groups: groups.clone(),
         messages: MessagesClient::new(in_process(MessagesServer::from_arc(messages.clone()))),
         sessions: SessionsClient::new(in_process(SessionsServer::from_arc(sessions.clone()))),
         presence: PresencesClient::new(unimplemented_channel()),
@@ -500,6 +514,8 @@ async fn gateway_node(server: &NatsServer) -> Node {
     }));
     Node {
         messages,
+        groups,
+        _store: store,
         hub,
         bus: publisher(server, &sessions).await,
         tokens,
@@ -509,6 +525,22 @@ async fn gateway_node(server: &NatsServer) -> Node {
             _client: client,
             task,
         },
+    }
+}
+
+impl Node {
+    /// Creates a user in group-svc and returns their id.
+    async fn user(&self, username: &str) -> i64 {
+        let request = confab_proto::group::v1::EnsureUserRequest {
+            username: username.to_owned(),
+        };
+        let user = self
+            .groups
+            .clone()
+            .ensure_user(request)
+            .await
+            .expect("user");
+        user.into_inner().id
     }
 }
 
@@ -574,7 +606,7 @@ impl Device {
 async fn gap_fill_recovers_lost_and_late_events() {
     let server = NatsServer::start().await;
     let node = gateway_node(&server).await;
-    let user = 1;
+    let user = node.user("alice").await;
     for _ in 0..3 {
         node.messages.append(user);
     }

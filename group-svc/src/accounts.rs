@@ -231,6 +231,56 @@ impl GroupService {
         user.ok_or(GroupError::NoSuchUser)
     }
 
+    /// Returns the user of a token of `user_id` in `session_id` (empty: none)
+    /// minted at `issued_at_ms`, unless a logout revoked it.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::TokenRevoked`] when the token was minted before the user's
+    /// watermark or its session is revoked, [`GroupError::NoSuchUser`], or an
+    /// internal error.
+    pub(crate) async fn check_token(
+        &self,
+        user_id: i64,
+        session_id: &str,
+        issued_at_ms: i64,
+    ) -> Result<User, GroupError> {
+        let state = self.inner.store.token_state(user_id, session_id).await?;
+        let (user, valid_after_ms, session_revoked) = state.ok_or(GroupError::NoSuchUser)?;
+        if issued_at_ms < valid_after_ms || (!session_id.is_empty() && session_revoked) {
+            return Err(GroupError::TokenRevoked);
+        }
+        Ok(user)
+    }
+
+    /// Revokes `session_id` of `user_id` (kept until `keep_until_ms`), or, when
+    /// it is empty, every token of the user minted before `before_ms`.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError::NoSuchUser`], or an internal error.
+    pub(crate) async fn revoke_tokens(
+        &self,
+        user_id: i64,
+        session_id: &str,
+        before_ms: i64,
+        keep_until_ms: i64,
+    ) -> Result<(), GroupError> {
+        let store = &self.inner.store;
+        if session_id.is_empty() {
+            if !store.revoke_tokens_before(user_id, before_ms).await? {
+                return Err(GroupError::NoSuchUser);
+            }
+            return Ok(());
+        }
+        if store.user_by_id(user_id).await?.is_none() {
+            return Err(GroupError::NoSuchUser);
+        }
+        store
+            .revoke_session(user_id, session_id, keep_until_ms, now_ms())
+            .await
+    }
+
     /// Returns the users among `ids` that exist, ordered by id; unknown ids are
     /// left out.
     ///
@@ -254,7 +304,66 @@ mod tests {
         verify_password_right_wrong_unknown,
         ensure_user_is_get_or_create,
         get_user_and_get_users,
+        revoked_tokens_are_refused,
     );
+
+    /// A revoked session's tokens are refused and other sessions' are not;
+    /// revoking everything before a moment refuses every older token and none
+    /// minted later; the watermark never moves back; unknown users are NOT_FOUND.
+    async fn revoked_tokens_are_refused(db: TestDb) {
+        let service = db.service().await;
+        let ann = service
+            .create_user("ann", "password1".into())
+            .await
+            .unwrap();
+        let check = |session: &'static str, at: i64| service.check_token(ann.id, session, at);
+        assert_eq!(check("s1", 100).await.unwrap(), ann);
+        assert_eq!(check("", 100).await.unwrap(), ann);
+
+        service
+            .revoke_tokens(ann.id, "s1", 0, i64::MAX)
+            .await
+            .unwrap();
+        service.revoke_tokens(ann.id, "s1", 0, 5).await.unwrap();
+        assert!(matches!(
+            check("s1", 100).await,
+            Err(GroupError::TokenRevoked)
+        ));
+        assert!(matches!(
+            check("s1", 10_000).await,
+            Err(GroupError::TokenRevoked)
+        ));
+        assert_eq!(check("s2", 100).await.unwrap(), ann);
+
+        service.revoke_tokens(ann.id, "", 1_000, 0).await.unwrap();
+        service.revoke_tokens(ann.id, "", 500, 0).await.unwrap();
+        assert!(matches!(
+            check("s2", 999).await,
+            Err(GroupError::TokenRevoked)
+        ));
+        assert!(matches!(
+            check("", 999).await,
+            Err(GroupError::TokenRevoked)
+        ));
+        assert_eq!(check("s2", 1_000).await.unwrap(), ann);
+        assert!(matches!(
+            check("s1", 1_000).await,
+            Err(GroupError::TokenRevoked)
+        ));
+
+        assert!(matches!(
+            service.check_token(ann.id + 1, "", 0).await,
+            Err(GroupError::NoSuchUser)
+        ));
+        assert!(matches!(
+            service.revoke_tokens(ann.id + 1, "", 1, 0).await,
+            Err(GroupError::NoSuchUser)
+        ));
+        assert!(matches!(
+            service.revoke_tokens(ann.id + 1, "s", 1, 2).await,
+            Err(GroupError::NoSuchUser)
+        ));
+    }
 
     /// Usernames are lowercased, then must be 3-32 characters of [a-z0-9_.-].
     #[test]

@@ -21,6 +21,10 @@ pub enum GroupError {
     /// No user with this id or name.
     #[error("no such user")]
     NoSuchUser,
+
+    /// A token minted before the user logged out (of its session or of all).
+    #[error("token revoked")]
+    TokenRevoked,
     /// No conversation with this id.
     #[error("no such conversation")]
     NoSuchConversation,
@@ -98,7 +102,7 @@ impl GroupError {
             | Self::OwnerRoleFixed
             | Self::DirectIsFixed => ErrorCode::BadRequest,
             Self::UsernameTaken => ErrorCode::AlreadyExists,
-            Self::WrongCredentials => ErrorCode::Unauthenticated,
+            Self::WrongCredentials | Self::TokenRevoked => ErrorCode::Unauthenticated,
             Self::NoSuchUser | Self::NoSuchConversation | Self::NotAMember => ErrorCode::NotFound,
             Self::Forbidden(_) => ErrorCode::PermissionDenied,
             Self::TooManyMembers { .. } => ErrorCode::TooLarge,

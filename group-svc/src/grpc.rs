@@ -3,12 +3,13 @@
 
 use confab_proto::group::v1::groups_server::Groups;
 use confab_proto::group::v1::{
-    AddMembersRequest, CreateConversationRequest, CreateUserRequest, EnsureUserRequest,
-    GetConversationRequest, GetMemberRequest, GetUserRequest, GetUsersRequest, GetUsersResponse,
-    JoinRequest, ListConversationsRequest, ListConversationsResponse, ListMembersRequest,
-    ListMembersResponse, MembershipChange as ProtoMembershipChange, OpenDirectRequest,
-    RemoveMemberRequest, SetRoleRequest, SharedWithRequest, SharedWithResponse,
-    UpdateConversationRequest, VerifyPasswordRequest,
+    AddMembersRequest, CheckTokenRequest, CreateConversationRequest, CreateUserRequest,
+    EnsureUserRequest, GetConversationRequest, GetMemberRequest, GetUserRequest, GetUsersRequest,
+    GetUsersResponse, JoinRequest, ListConversationsRequest, ListConversationsResponse,
+    ListMembersRequest, ListMembersResponse, MembershipChange as ProtoMembershipChange,
+    OpenDirectRequest, RemoveMemberRequest, RevokeTokensRequest, RevokeTokensResponse,
+    SetRoleRequest, SharedWithRequest, SharedWithResponse, UpdateConversationRequest,
+    VerifyPasswordRequest,
 };
 use confab_proto::v1 as proto;
 use tonic::{Request, Response, Status};
@@ -58,6 +59,36 @@ impl Groups for GroupService {
         let GetUserRequest { id, username } = request.into_inner();
         let user = self.get_user(id, &username).await?;
         Ok(Response::new(user.into()))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn check_token(
+        &self,
+        request: Request<CheckTokenRequest>,
+    ) -> Result<Response<proto::User>, Status> {
+        let CheckTokenRequest {
+            user_id,
+            session_id,
+            issued_at_ms,
+        } = request.into_inner();
+        let user = self.check_token(user_id, &session_id, issued_at_ms).await?;
+        Ok(Response::new(user.into()))
+    }
+
+    #[instrument(skip_all, fields(user_id = request.get_ref().user_id))]
+    async fn revoke_tokens(
+        &self,
+        request: Request<RevokeTokensRequest>,
+    ) -> Result<Response<RevokeTokensResponse>, Status> {
+        let RevokeTokensRequest {
+            user_id,
+            session_id,
+            before_ms,
+            keep_until_ms,
+        } = request.into_inner();
+        self.revoke_tokens(user_id, &session_id, before_ms, keep_until_ms)
+            .await?;
+        Ok(Response::new(RevokeTokensResponse {}))
     }
 
     #[instrument(skip_all, fields(count = request.get_ref().ids.len()))]

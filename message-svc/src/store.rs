@@ -2,8 +2,10 @@
 //! read side ([`MessageStore`], shared by every reader) and the write side
 //! ([`LogWriter`], owned by the one writer task). One file per backend:
 //! [`sqlite`] (the embedded mode) and [`postgres`] (the distributed mode, where
-//! several message processes write one database); ScyllaDB later. `tests` is the
-//! conformance suite every backend runs.
+//! several message processes write one database); ScyllaDB later. `common` holds
+//! what the two SQL backends share: the statements both dialects spell alike and
+//! the logic around every statement (paging, row decoding, payload encoding).
+//! `tests` is the conformance suite every backend runs.
 
 use std::collections::HashMap;
 
@@ -11,6 +13,7 @@ use confab_proto::v1::{Notice, ReadState, Receipt};
 use std::future::Future;
 use std::pin::Pin;
 
+mod common;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 #[cfg(test)]

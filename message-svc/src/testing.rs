@@ -248,6 +248,18 @@ impl Groups for FakeGroups {
     ) -> Result<Response<SharedWithResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+    async fn check_token(
+        &self,
+        _: Request<confab_proto::group::v1::CheckTokenRequest>,
+    ) -> Result<Response<confab_proto::v1::User>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn revoke_tokens(
+        &self,
+        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
+    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Returns an in-process client of `fake`.

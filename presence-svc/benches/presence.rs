@@ -128,6 +128,18 @@ impl Groups for FakeGroups {
             .collect();
         Ok(Response::new(SharedWithResponse { user_ids }))
     }
+    async fn check_token(
+        &self,
+        _: Request<confab_proto::group::v1::CheckTokenRequest>,
+    ) -> Result<Response<confab_proto::v1::User>, Status> {
+        Err(Status::unimplemented("bench"))
+    }
+    async fn revoke_tokens(
+        &self,
+        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
+    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
+        Err(Status::unimplemented("bench"))
+    }
 }
 
 /// Counts published events, as the gateway's hub would receive them.

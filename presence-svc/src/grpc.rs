@@ -44,7 +44,7 @@ impl Presences for PresenceService {
             node,
             ..
         } = request.into_inner();
-        PresenceService::disconnect(self, user_id, &node, connection_id);
+        PresenceService::disconnect(self, user_id, &node, connection_id).await;
         Ok(Response::new(DisconnectResponse {}))
     }
 

@@ -9,15 +9,21 @@
 //!   last-seen writes (pure, no I/O).
 //! - `typing`: running typing indicators and per-user rate limits (pure).
 //! - `members`: conversation member lists from group-svc, cached briefly.
-//! - `store`: durable last seen and privacy behind a small trait; `store/sqlite`.
+//! - `store`: durable last seen and privacy behind a small trait; `store/sqlite`
+//!   (embedded mode), `store/nats` (distributed mode: NATS KV, with a lease per
+//!   online user).
 //! - `grpc`: the generated `Presences` trait on top: protobuf <-> domain,
 //!   errors -> statuses, nothing else.
 //! - `error`: [`PresenceError`], the causes of refusal, and their gRPC codes.
 //! - [`PresenceConfig`]: the window, the typing ttl and rate, the database file.
 //!
 //! Presence lives in memory (DESIGN.md section 11): one process of this service
-//! serves the embedded mode. Only last-seen times and privacy choices are
-//! stored, and heartbeats never write.
+//! serves the embedded mode ([`PresenceService::open`]). Only last-seen times
+//! and privacy choices are stored, and heartbeats never write. In the
+//! distributed mode ([`PresenceService::open_nats`]) the store is NATS KV and
+//! also holds a lease per online user, renewed at most once per half window
+//! and expiring after a window: the users of a process that dies without a
+//! word go offline on their own.
 
 mod config;
 mod error;
@@ -46,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::members::MemberCache;
 use crate::store::PresenceStore;
+use crate::store::nats::NatsStore;
 use crate::store::sqlite::SqliteStore;
 use crate::tracker::Tracker;
 use crate::typing::Typing;
@@ -68,8 +75,11 @@ struct Inner {
     /// events one change causes are published in the order of the changes
     /// (publishing happens under it: `LiveBus::publish` never blocks).
     state: Mutex<State>,
-    /// Last-seen times and privacy choices.
+    /// Last-seen times and privacy choices (and leases, for a shared store).
     store: Arc<dyn PresenceStore>,
+    /// `store.lease_period()`, read once: `Some` for a store shared between
+    /// processes, which keeps a lease per online user.
+    lease_period: Option<Duration>,
     /// Who shares a conversation with whom (`SharedWith`).
     groups: GroupsClient<GrpcChannel>,
     /// Member lists for typing.
@@ -145,6 +155,35 @@ impl PresenceService {
         Ok(Self::with_store(config, groups, bus, Arc::new(store)))
     }
 
+    /// Opens the distributed mode's store on NATS KV (creating or updating the
+    /// buckets `confab_presence`, `confab_last_seen` and
+    /// `confab_presence_privacy`), loads what they hold, and starts the
+    /// sweeper. `config.db_path` is unused.
+    ///
+    /// Connections and heartbeats are tracked in memory as in [`open`](Self::open);
+    /// an online user's key in `confab_presence` is written when they come
+    /// online and renewed at most once per half window, removed when they go
+    /// offline, and expires a window after its last write if this process dies.
+    /// `Query` also answers from the buckets, so another or a restarted process
+    /// answers alike.
+    ///
+    /// # Errors
+    ///
+    /// [`PresenceError::InvalidConfig`] for a zero window, ttl or rate;
+    /// [`PresenceError::Store`] when a bucket cannot be created or read.
+    pub async fn open_nats(
+        config: PresenceConfig,
+        js: async_nats::jetstream::Context,
+        groups: GroupsClient<GrpcChannel>,
+        bus: Arc<dyn LiveBus>,
+    ) -> Result<Self, PresenceError> {
+        if let Some(problem) = config.problem() {
+            return Err(PresenceError::InvalidConfig(problem));
+        }
+        let store = NatsStore::open(&js, config.window).await?;
+        Ok(Self::with_store(config, groups, bus, Arc::new(store)))
+    }
+
     /// Returns a service on `store` and starts its sweeper; `config` is valid.
     fn with_store(
         config: PresenceConfig,
@@ -152,14 +191,16 @@ impl PresenceService {
         bus: Arc<dyn LiveBus>,
         store: Arc<dyn PresenceStore>,
     ) -> Self {
+        let lease_period = store.lease_period();
         let state = State {
-            tracker: Tracker::new(config.window),
+            tracker: Tracker::new(config.window, lease_period.is_none()),
             typing: Typing::new(config.typing_ttl, config.typing_per_minute),
             privacy_epoch: 0,
         };
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
             store,
+            lease_period,
             members: MemberCache::new(groups.clone()),
             groups,
             bus,
@@ -180,7 +221,8 @@ impl PresenceService {
     }
 
     /// Marks everyone offline (last seen = their last heartbeat), flushes
-    /// last-seen times, stops the sweeper. Heartbeats are refused afterwards.
+    /// last-seen times (and lease removals), stops the sweeper. Heartbeats are
+    /// refused afterwards.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.cancel.cancel();
@@ -190,6 +232,7 @@ impl PresenceService {
             let _ = sweeper.await;
         }
         self.flush_all().await;
+        self.inner.store.close().await;
     }
 
     /// Returns how many last-seen rows were written to the store so far (the

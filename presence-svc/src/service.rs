@@ -14,6 +14,12 @@
 //! nothing of a user gets no entry at all: a stranger does not even learn that
 //! the user exists.
 //!
+//! **Leases** (a store shared between processes, the distributed mode): a user
+//! coming online gets a lease at once, renewed once per lease period while
+//! they stay online (heartbeats themselves never write) and released when they
+//! go offline; a `Query` also counts a user online while another process holds
+//! their lease.
+//!
 //! **Typing** goes to the other members of a direct conversation or group
 //! (never a channel), through `Audience::User`: only their live devices get it.
 
@@ -86,6 +92,11 @@ impl PresenceService {
                         if came_online {
                             metrics::gauge!("confab_presence_online_users")
                                 .set(state.tracker.online_users() as f64);
+                            if self.inner.lease_period.is_some()
+                                && let Some(lease) = state.tracker.lease(user_id, now)
+                            {
+                                self.inner.store.put_online(&[lease]);
+                            }
                             let seen = state.tracker.seen(user_id);
                             let last_seen =
                                 seen.map_or(0, |s| shown_to_watchers(s.visibility, s.last_seen_ms));
@@ -102,14 +113,22 @@ impl PresenceService {
         }
     }
 
-    /// Forgets the connection; pushes "offline" when it was the user's last.
-    pub(crate) fn disconnect(&self, user_id: i64, node: &str, connection_id: u64) {
-        let mut state = self.inner.state.lock();
-        if let Some(offline) = state.tracker.disconnect(user_id, node, connection_id) {
+    /// Forgets the connection; pushes "offline" when it was the user's last,
+    /// and answers once a shared store holds their last seen.
+    pub(crate) async fn disconnect(&self, user_id: i64, node: &str, connection_id: u64) {
+        let went_offline = {
+            let mut state = self.inner.state.lock();
+            let Some(offline) = state.tracker.disconnect(user_id, node, connection_id) else {
+                return;
+            };
             metrics::gauge!("confab_presence_online_users")
                 .set(state.tracker.online_users() as f64);
-            let events = self.offline_events(&mut state, &[offline]);
+            let events = self.went_offline(&mut state, &[offline]);
             self.publish(events);
+            true
+        };
+        if went_offline {
+            self.inner.store.flush().await;
         }
     }
 
@@ -158,23 +177,32 @@ impl PresenceService {
             let state = self.inner.state.lock();
             ids.iter().map(|&id| state.tracker.seen(id)).collect()
         };
+        // A shared store also knows the users online through other processes:
+        // ask it about everyone this process does not hold online.
+        let shared_store = self.inner.lease_period.is_some();
+        let needs_store = |seen: &Option<Seen>| match seen {
+            None => true,
+            Some(seen) => shared_store && !seen.online,
+        };
         let missing: Vec<i64> = ids
             .iter()
             .zip(&seen)
-            .filter(|(_, seen)| seen.is_none())
+            .filter(|(_, seen)| needs_store(seen))
             .map(|(&id, _)| id)
             .collect();
         if !missing.is_empty() {
             let rows = self.inner.store.load(&missing).await?;
             for (id, seen) in ids.iter().zip(&mut seen) {
-                if seen.is_none() {
-                    let row = rows.get(id).copied().unwrap_or_default();
-                    *seen = Some(Seen {
-                        online: false,
-                        last_seen_ms: row.last_seen_ms,
-                        visibility: row.visibility,
-                    });
+                if !needs_store(seen) {
+                    continue;
                 }
+                let row = rows.get(id).copied().unwrap_or_default();
+                let tracked_ms = seen.map_or(0, |seen| seen.last_seen_ms);
+                *seen = Some(Seen {
+                    online: row.online,
+                    last_seen_ms: tracked_ms.max(row.last_seen_ms),
+                    visibility: row.visibility,
+                });
             }
         }
         let mut result = QueryResult::default();
@@ -284,7 +312,7 @@ impl PresenceService {
         let rows = {
             let mut state = self.inner.state.lock();
             let offline = state.tracker.expire(now);
-            let mut events = self.offline_events(&mut state, &offline);
+            let mut events = self.went_offline(&mut state, &offline);
             for ended in state.typing.expire(now) {
                 events.extend(ended_events(&ended));
             }
@@ -294,6 +322,12 @@ impl PresenceService {
                     .set(state.tracker.online_users() as f64);
             }
             state.typing.trim_buckets(now);
+            if let Some(period) = self.inner.lease_period {
+                let leases = state.tracker.take_leases(now, period);
+                if !leases.is_empty() {
+                    self.inner.store.put_online(&leases);
+                }
+            }
             let rows = state.tracker.take_writes(now, false);
             state.tracker.evict(now);
             rows
@@ -307,7 +341,7 @@ impl PresenceService {
         let rows = {
             let mut state = self.inner.state.lock();
             let offline = state.tracker.disconnect_all();
-            let events = self.offline_events(&mut state, &offline);
+            let events = self.went_offline(&mut state, &offline);
             self.publish(events);
             metrics::gauge!("confab_presence_online_users").set(0.0);
             state.tracker.take_writes(Instant::now(), true)
@@ -337,11 +371,19 @@ impl PresenceService {
         }
     }
 
-    /// Returns the events for users who went offline: "offline" to their
-    /// watchers, and "stopped typing" wherever they were typing.
-    fn offline_events(&self, state: &mut State, offline: &[WentOffline]) -> Vec<Arc<LiveEvent>> {
+    /// Releases the leases of users who went offline (with a shared store),
+    /// and returns their events: "offline" to their watchers, and "stopped
+    /// typing" wherever they were typing.
+    fn went_offline(&self, state: &mut State, offline: &[WentOffline]) -> Vec<Arc<LiveEvent>> {
         if offline.is_empty() {
             return Vec::new();
+        }
+        if self.inner.lease_period.is_some() {
+            let gone: Vec<(i64, i64)> = offline
+                .iter()
+                .map(|gone| (gone.user_id, gone.last_seen_ms))
+                .collect();
+            self.inner.store.put_offline(&gone);
         }
         let mut events: Vec<Arc<LiveEvent>> = offline
             .iter()

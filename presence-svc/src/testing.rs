@@ -1,5 +1,5 @@
 //! Test doubles shared by the unit tests: a fake group-svc, a recording live
-//! bus, and services opened on the in-memory or the SQLite store.
+//! bus, and services opened on the in-memory, the SQLite or the NATS KV store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -177,6 +177,18 @@ impl Groups for FakeGroups {
             .collect();
         Ok(Response::new(SharedWithResponse { user_ids }))
     }
+    async fn check_token(
+        &self,
+        _: Request<confab_proto::group::v1::CheckTokenRequest>,
+    ) -> Result<Response<confab_proto::v1::User>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn revoke_tokens(
+        &self,
+        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
+    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Returns an in-process client of `fake`.
@@ -301,6 +313,53 @@ pub(crate) async fn on_sqlite(dir: &std::path::Path) -> Fixture {
         service,
         bus,
         groups,
+    }
+}
+
+/// Opens a service on the NATS KV buckets of the server at `nats_url`, with
+/// a window of `window`.
+pub(crate) async fn on_nats(nats_url: &str, window: Duration) -> Fixture {
+    let bus = Arc::new(RecordingBus::default());
+    let groups = Arc::new(FakeGroups::fixture());
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats");
+    let config = PresenceConfig {
+        window,
+        ..config(std::path::Path::new("unused"))
+    };
+    let service = PresenceService::open_nats(
+        config,
+        async_nats::jetstream::new(client),
+        groups_client(Arc::clone(&groups)),
+        Arc::clone(&bus) as Arc<dyn LiveBus>,
+    )
+    .await
+    .expect("open presence service on nats");
+    Fixture {
+        service,
+        bus,
+        groups,
+    }
+}
+
+/// Polls `check` until it returns `Some`, and returns that; fails the test
+/// after 10 s. For waits on real servers, whose clocks cannot be paused.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -15,6 +15,10 @@
 //!   often they heartbeat or flap ([`Tracker::take_writes`]).
 //! - A user is forgotten once offline with nothing left to write and their
 //!   last write a window old; the store answers for them from then on.
+//! - With a store that keeps leases (the distributed mode), last seen is due
+//!   only once the user is offline (their lease carries it meanwhile), and an
+//!   online user's lease is due when they come online and then once per lease
+//!   period ([`Tracker::lease`], [`Tracker::take_leases`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::{StoredPresence, Visibility};
+use crate::store::{OnlineLease, StoredPresence, Visibility};
 
 /// One live connection of a user.
 #[derive(Debug)]
@@ -50,6 +54,12 @@ struct UserState {
     written_at: Option<Instant>,
     /// The user's privacy choice, to hide last seen in pushed events.
     visibility: Visibility,
+    /// Wall-clock ms of the heartbeat that brought the user online (their
+    /// lease's "online since").
+    online_since_ms: i64,
+    /// When this user's lease was last queued for a write; spaces renewals a
+    /// lease period apart. Set when they come online.
+    lease_at: Option<Instant>,
 }
 
 /// A user whose last connection went away.
@@ -83,16 +93,21 @@ pub(crate) struct Tracker {
     window: Duration,
     /// Users with at least one connection, for the gauge and the benchmark.
     online: usize,
+    /// Whether last seen is written while the user is online (a store without
+    /// leases); with leases, only once they are offline.
+    last_seen_while_online: bool,
 }
 
 impl Tracker {
-    /// Returns an empty tracker.
-    pub(crate) fn new(window: Duration) -> Self {
+    /// Returns an empty tracker; `last_seen_while_online` is false for a store
+    /// with leases (see the module docs).
+    pub(crate) fn new(window: Duration, last_seen_while_online: bool) -> Self {
         Self {
             users: HashMap::new(),
             nodes: HashSet::new(),
             window,
             online: 0,
+            last_seen_while_online,
         }
     }
 
@@ -104,6 +119,8 @@ impl Tracker {
             stored_ms: stored.last_seen_ms,
             written_at: None,
             visibility: stored.visibility,
+            online_since_ms: 0,
+            lease_at: None,
         });
     }
 
@@ -142,6 +159,9 @@ impl Tracker {
             }
         };
         let came_online = user.connections.is_empty();
+        if came_online {
+            user.online_since_ms = now_ms;
+        }
         user.connections.push(Connection {
             node,
             connection_id,
@@ -209,6 +229,9 @@ impl Tracker {
         let window = self.window;
         let mut rows = Vec::new();
         for (&user_id, user) in &mut self.users {
+            if !self.last_seen_while_online && !user.connections.is_empty() {
+                continue;
+            }
             let changed = user.last_seen_ms != user.stored_ms;
             let spaced = user
                 .written_at
@@ -220,6 +243,33 @@ impl Tracker {
             }
         }
         rows
+    }
+
+    /// Returns the lease of `user_id` if online, and marks it written at `now`
+    /// (a user coming online: their lease is due at once).
+    pub(crate) fn lease(&mut self, user_id: i64, now: Instant) -> Option<OnlineLease> {
+        let user = self.users.get_mut(&user_id)?;
+        if user.connections.is_empty() {
+            return None;
+        }
+        user.lease_at = Some(now);
+        Some(lease_of(user_id, user))
+    }
+
+    /// Returns the leases of the online users whose last lease write is
+    /// `period` old at `now` (or never happened), and marks them written.
+    pub(crate) fn take_leases(&mut self, now: Instant, period: Duration) -> Vec<OnlineLease> {
+        let mut leases = Vec::new();
+        for (&user_id, user) in &mut self.users {
+            let due = user
+                .lease_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= period);
+            if !user.connections.is_empty() && due {
+                user.lease_at = Some(now);
+                leases.push(lease_of(user_id, user));
+            }
+        }
+        leases
     }
 
     /// Marks `rows` (from [`take_writes`](Self::take_writes)) unwritten, so that
@@ -278,6 +328,14 @@ impl Tracker {
     }
 }
 
+fn lease_of(user_id: i64, user: &UserState) -> OnlineLease {
+    OnlineLease {
+        user_id,
+        since_ms: user.online_since_ms,
+        last_heartbeat_ms: user.last_seen_ms,
+    }
+}
+
 fn went_offline(user_id: i64, user: &UserState) -> WentOffline {
     WentOffline {
         user_id,
@@ -293,7 +351,7 @@ mod tests {
     const WINDOW: Duration = Duration::from_secs(15);
 
     fn tracker_with(user_ids: &[i64]) -> Tracker {
-        let mut tracker = Tracker::new(WINDOW);
+        let mut tracker = Tracker::new(WINDOW, true);
         for &user_id in user_ids {
             tracker.load(user_id, StoredPresence::default());
         }
@@ -338,6 +396,34 @@ mod tests {
         assert_eq!(tracker.tracked_users(), 1, "written just now");
         tracker.evict(later + WINDOW);
         assert_eq!(tracker.tracked_users(), 0);
+    }
+
+    /// With leases, an online user's lease is due when they come online and
+    /// then once per period however often they heartbeat, and last seen is due
+    /// only once they are offline.
+    #[test]
+    fn leases_spaced_and_last_seen_offline_only() {
+        let mut tracker = Tracker::new(WINDOW, false);
+        tracker.load(1, StoredPresence::default());
+        let t0 = Instant::now();
+        let period = WINDOW / 2;
+        assert!(tracker.heartbeat(1, "a", 1, t0, 1_000).unwrap());
+        let lease = tracker.lease(1, t0).unwrap();
+        assert_eq!((lease.since_ms, lease.last_heartbeat_ms), (1_000, 1_000));
+        let mut leases = 0;
+        for i in 1..=150_u64 {
+            let now = t0 + Duration::from_millis(100 * i);
+            tracker
+                .heartbeat(1, "a", 1, now, 1_000 + 100 * i as i64)
+                .unwrap();
+            leases += tracker.take_leases(now, period).len();
+            assert!(tracker.take_writes(now, false).is_empty(), "online");
+        }
+        assert_eq!(leases, 2, "15 s of heartbeats, one renewal per 7.5 s");
+        tracker.disconnect(1, "a", 1).unwrap();
+        let now = t0 + Duration::from_secs(16);
+        assert!(tracker.take_leases(now, period).is_empty(), "offline");
+        assert_eq!(tracker.take_writes(now, false), vec![(1, 16_000)]);
     }
 
     /// A failed write is retried when due again.

@@ -179,6 +179,20 @@ impl Cluster {
     ///
     /// When nats-server or PostgreSQL are not there (see `scripts/test`).
     pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`Cluster::start`], with `extra` flags given to every process (for
+    /// example a short `--presence-window-ms`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::start`].
+    ///
+    /// # Panics
+    ///
+    /// As [`Cluster::start`].
+    pub async fn start_with(extra: &[&str]) -> Result<Self> {
         let root = tempfile::Builder::new()
             .prefix("confab-cluster-")
             .tempdir()?;
@@ -198,7 +212,7 @@ impl Cluster {
             root,
         };
         migrate(&migrate_url, &cluster.root).await?;
-        cluster.processes = plan(&cluster.root, &cluster.nats.url(), &proxied_url)?;
+        cluster.processes = plan(&cluster.root, &cluster.nats.url(), &proxied_url, extra)?;
         cluster.gateways = cluster
             .processes
             .iter()
@@ -545,7 +559,12 @@ async fn migrate(url: &str, root: &TempDir) -> Result<()> {
 }
 
 /// Picks the ports and flags of every process of [`LAYOUT`].
-fn plan(root: &TempDir, nats_url: &str, postgres_url: &str) -> Result<Vec<Process>> {
+fn plan(
+    root: &TempDir,
+    nats_url: &str,
+    postgres_url: &str,
+    extra: &[&str],
+) -> Result<Vec<Process>> {
     let mut processes = Vec::new();
     for (role, count) in LAYOUT {
         for index in 0..count {
@@ -608,6 +627,7 @@ fn plan(root: &TempDir, nats_url: &str, postgres_url: &str) -> Result<Vec<Proces
             }
         }
         args.extend(raised_limits(&args).into_iter().map(str::to_owned));
+        args.extend(extra.iter().map(|flag| (*flag).to_owned()));
         all_args.push(args);
     }
     for (process, args) in processes.iter_mut().zip(all_args) {

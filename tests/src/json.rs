@@ -75,6 +75,10 @@ pub fn client_frame(frame: &ClientFrame) -> Value {
             let body = json!({ "conversationId": close.conversation_id.to_string() });
             object.insert("closeChannel".into(), body);
         }
+        Some(client_frame::Kind::Reauthenticate(reauthenticate)) => {
+            let body = json!({ "token": reauthenticate.token });
+            object.insert("reauthenticate".into(), body);
+        }
         None => {}
     }
     Value::Object(object)

@@ -23,6 +23,8 @@
 //!   process, with a private nats-server and a fresh PostgreSQL database behind
 //!   a [`proxy`]; `kill9`, `restart`, `nats_restart`, metrics, the fan-out owner.
 //! - [`proxy`]: a TCP proxy a test can `cut` and `restore`.
+//! - [`raw`]: raw TCP clients for attacks below HTTP (trickled headers, a
+//!   half-sent upgrade, silence, a bare h2c preface).
 //! - [`load`]: a bounded chat load of many devices that retry and resume, and
 //!   record every ack and event.
 //! - [`invariants`]: checks DESIGN.md section 13 over what a load recorded and
@@ -41,6 +43,7 @@ pub mod invariants;
 pub mod json;
 pub mod load;
 pub mod proxy;
+pub mod raw;
 pub mod server;
 pub mod ws;
 

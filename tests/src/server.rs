@@ -33,6 +33,8 @@ pub struct Server {
     root: TempDir,
     /// Extra `confab serve` flags, kept for restarts.
     args: Vec<String>,
+    /// Extra environment variables of the process (`RUST_LOG`), kept for restarts.
+    env: Vec<(String, String)>,
     /// How many processes were started: names the log files.
     starts: u32,
     /// False for a handle on a process that something else runs
@@ -56,11 +58,25 @@ impl Server {
     ///
     /// Fails when the binary cannot be spawned or never prints its address.
     pub async fn start_with(args: &[&str]) -> Result<Self> {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Starts a server with extra flags and environment variables, e.g.
+    /// `[("RUST_LOG", "trace")]`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary cannot be spawned or never prints its address.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut server = Self {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             root: tempfile::Builder::new().prefix("confab-e2e-").tempdir()?,
             args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
             starts: 0,
             managed: true,
         };
@@ -84,6 +100,7 @@ impl Server {
                 .prefix("confab-attached-")
                 .tempdir()?,
             args: Vec::new(),
+            env: Vec::new(),
             starts: 0,
             managed: false,
         })
@@ -171,6 +188,11 @@ impl Server {
         log_tail(&self.log_path(), LOG_TAIL_LINES)
     }
 
+    /// Returns the whole stderr of the current process so far (its log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     fn log_path(&self) -> PathBuf {
         self.root.path().join(format!("server-{}.log", self.starts))
     }
@@ -184,7 +206,8 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(self.data_dir())
             .args(&self.args)
-            .args(raised_limits(&self.args));
+            .args(raised_limits(&self.args))
+            .envs(self.env.iter().map(|(key, value)| (key, value)));
         let started = spawn_until(command, log, WAIT, |line| {
             line.strip_prefix(LISTENING_PREFIX)
                 .map(|addr| addr.trim().parse::<SocketAddr>())

@@ -12,10 +12,12 @@
 //! and serve other processes on `--internal-listen`.
 
 use std::process::ExitCode;
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use axum::serve::ListenerExt as _;
 use confab_common::bus::LiveBus;
 use confab_common::channel::{GrpcChannel, balanced, in_process, remote};
 use confab_common::nats_bus::{NatsBus, subscribe_node};
@@ -87,11 +89,17 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let pool = if has(Role::Group) || has(Role::Message) {
         let url = cluster.postgres_url.clone().unwrap_or_default();
+        // Statements are prepared once per connection; a generic plan made
+        // while a table was empty (a fresh deployment, before any ANALYZE) would
+        // scan it whole forever after. Custom plans cost a planning per
+        // execution and follow the data.
+        let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+            .context("bad --postgres-url")?
+            .options([("plan_cache_mode", "force_custom_plan")]);
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(cluster.postgres_max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(&url)
-            .context("bad --postgres-url")?;
+            .connect_lazy_with(options);
         if cluster.migrate_on_start {
             crate::migrate::run_on(&pool).await?;
         }
@@ -169,12 +177,16 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let mut presence_service = None;
     let presence = if has(Role::Presence) {
-        std::fs::create_dir_all(&args.data_dir)
-            .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
-        let service =
-            PresenceService::open(super::presence_config(&args), groups.clone(), bus.clone())
-                .await
-                .context("cannot open the presence store")?;
+        // Online state, last seen and privacy in NATS KV: the online keys
+        // expire with the window when this process dies without a word.
+        let service = PresenceService::open_nats(
+            super::presence_config(&args),
+            js.clone(),
+            groups.clone(),
+            bus.clone(),
+        )
+        .await
+        .context("cannot open the presence buckets")?;
         let server = PresencesServer::new(service.clone());
         internal = internal.add_service(server.clone());
         local_roles += 1;
@@ -219,6 +231,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let gateway_task = if has(Role::Gateway) {
         let tokens = super::token_service(&args)?;
         let hub = Arc::new(Hub::new());
+        // Logouts reach the other gateways' connections through the bus.
+        hub.set_cluster_bus(Arc::clone(&bus));
         let local: Arc<dyn LiveBus> = hub.clone();
         let _subscription = subscribe_node(client.clone(), &args.node, local)
             .await
@@ -410,6 +424,13 @@ async fn serve_internal(
         );
     let router = routes.into_axum_router().merge(http);
     tracing::info!(addr = ?listener.local_addr().ok(), "internal listener");
+    // Answers are small frames: without TCP_NODELAY the last one of a call
+    // waits for the peer's delayed ACK (~40 ms per internal call).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;

@@ -98,6 +98,47 @@ impl Store {
         run!(&mut self.acquire().await?, user_by_id(id))
     }
 
+    /// Returns the user with this id, the moment (ms) before which their tokens
+    /// are refused (0: none), and whether their session `session_id` is revoked.
+    pub(crate) async fn token_state(
+        &self,
+        user_id: i64,
+        session_id: &str,
+    ) -> Result<Option<(User, i64, bool)>, GroupError> {
+        run!(&mut self.acquire().await?, token_state(user_id, session_id))
+    }
+
+    /// Refuses every token of `user_id` minted before `before_ms`; returns
+    /// `false` when there is no such user.
+    pub(crate) async fn revoke_tokens_before(
+        &self,
+        user_id: i64,
+        before_ms: i64,
+    ) -> Result<bool, GroupError> {
+        run!(
+            &mut self.acquire().await?,
+            revoke_tokens_before(user_id, before_ms)
+        )
+    }
+
+    /// Refuses the tokens of one session of `user_id` until `expires_at_ms`, and
+    /// forgets revoked sessions whose tokens have all expired by `now_ms`.
+    pub(crate) async fn revoke_session(
+        &self,
+        user_id: i64,
+        session_id: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), GroupError> {
+        let mut tx = self.begin().await?;
+        run!(&mut tx, sweep_revoked_sessions(now_ms))?;
+        run!(
+            &mut tx,
+            insert_revoked_session(user_id, session_id, expires_at_ms)
+        )?;
+        tx.commit().await
+    }
+
     /// Returns the user with this (already lowercased) username.
     pub(crate) async fn user_by_name(&self, username: &str) -> Result<Option<User>, GroupError> {
         Ok(self.credentials(username).await?.map(|(user, _)| user))

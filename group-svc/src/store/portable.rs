@@ -60,6 +60,84 @@ macro_rules! portable_statements {
                 Ok(row.map(user_from_row))
             }
 
+            /// Returns the user with this id, the moment before which their tokens
+            /// are refused, and whether `session_id` is revoked.
+            pub(in crate::store) async fn token_state(
+                connection: &mut Connection,
+                user_id: i64,
+                session_id: &str,
+            ) -> Result<Option<(User, i64, bool)>, GroupError> {
+                let row: Option<(i64, String, i64, i64, bool)> = sqlx::query_as(
+                    "SELECT id, username, created_at_ms, tokens_valid_after_ms, \
+                     EXISTS (SELECT 1 FROM revoked_sessions \
+                             WHERE user_id = $1 AND session_id = $2) \
+                     FROM users WHERE id = $1",
+                )
+                .bind(user_id)
+                .bind(session_id)
+                .fetch_optional(connection)
+                .await?;
+                Ok(row.map(|(id, username, created_at_ms, valid_after, revoked)| {
+                    (user_from_row((id, username, created_at_ms)), valid_after, revoked)
+                }))
+            }
+
+            /// Refuses the user's tokens minted before `before_ms` from now on (a
+            /// moment earlier than the one recorded changes nothing); returns
+            /// `false` when there is no such user.
+            pub(in crate::store) async fn revoke_tokens_before(
+                connection: &mut Connection,
+                user_id: i64,
+                before_ms: i64,
+            ) -> Result<bool, GroupError> {
+                let result = sqlx::query(
+                    "UPDATE users SET tokens_valid_after_ms = \
+                     CASE WHEN tokens_valid_after_ms < $2 THEN $2 \
+                     ELSE tokens_valid_after_ms END \
+                     WHERE id = $1",
+                )
+                .bind(user_id)
+                .bind(before_ms)
+                .execute(connection)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            /// Records `session_id` of `user_id` as revoked until `expires_at_ms`
+            /// (a later expiry of a session revoked already wins).
+            pub(in crate::store) async fn insert_revoked_session(
+                connection: &mut Connection,
+                user_id: i64,
+                session_id: &str,
+                expires_at_ms: i64,
+            ) -> Result<(), GroupError> {
+                sqlx::query(
+                    "INSERT INTO revoked_sessions (user_id, session_id, expires_at_ms) \
+                     VALUES ($1, $2, $3) \
+                     ON CONFLICT (user_id, session_id) DO UPDATE SET expires_at_ms = \
+                     CASE WHEN revoked_sessions.expires_at_ms < excluded.expires_at_ms \
+                     THEN excluded.expires_at_ms ELSE revoked_sessions.expires_at_ms END",
+                )
+                .bind(user_id)
+                .bind(session_id)
+                .bind(expires_at_ms)
+                .execute(connection)
+                .await?;
+                Ok(())
+            }
+
+            /// Deletes revoked sessions whose tokens have all expired by `now_ms`.
+            pub(in crate::store) async fn sweep_revoked_sessions(
+                connection: &mut Connection,
+                now_ms: i64,
+            ) -> Result<(), GroupError> {
+                sqlx::query("DELETE FROM revoked_sessions WHERE expires_at_ms < $1")
+                    .bind(now_ms)
+                    .execute(connection)
+                    .await?;
+                Ok(())
+            }
+
             /// Returns the user with this username and their password hash, if they have
             /// one.
             pub(in crate::store) async fn credentials(

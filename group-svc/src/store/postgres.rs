@@ -132,13 +132,22 @@ pub(super) async fn insert_member_rows(
 
 /// Returns the migrations of this service, embedded in the binary.
 fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        "users conversations members groups".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations-postgres/0001_init.sql").into_sql_str(),
-        false,
-    )];
+    let migrations = vec![
+        Migration::new(
+            1,
+            "users conversations members groups".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations-postgres/0001_init.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "token revocation".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations-postgres/0002_token_revocation.sql").into_sql_str(),
+            false,
+        ),
+    ];
     let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     migrator
@@ -150,7 +159,7 @@ mod tests {
 
     use super::*;
 
-    /// Migrating creates the schema on an empty database and records version 1 in
+    /// Migrating creates the schema on an empty database and records every version in
     /// `_group_svc_migrations`; migrating again, also from two pools at once, changes
     /// nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +188,7 @@ mod tests {
         first.unwrap();
         second.unwrap();
         again.unwrap();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
         assert_eq!(tables, 4);
     }
 }

@@ -179,6 +179,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/0002_groups.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            "token revocation".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/0003_token_revocation.sql").into_sql_str(),
+            false,
+        ),
     ];
     let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);

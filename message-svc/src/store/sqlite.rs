@@ -5,14 +5,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use confab_proto::v1::{Notice, ReadState};
-use prost::Message as _;
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{ConnectOptions as _, Connection as _, QueryBuilder, Row as _, Sqlite, SqlitePool};
+use confab_proto::v1::ReadState;
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{ConnectOptions as _, QueryBuilder, Sqlite, SqlitePool};
 
+use super::common::{
+    self, event_to_sql, extend_present, extend_watermarks, message_columns, message_from_row,
+    notice_to_sql, select_messages, seq_from_sql, seq_to_sql,
+};
 use super::{
-    BoxFuture, EventPayload, EventRow, HistoryQuery, LogWriter, MessageStore, Page, StoreError,
-    StoredMessage, SyncPage, UNREAD_CAP, UserEvent, UserEventKind, WatermarkMap, Watermarks,
+    BoxFuture, EventRow, LogWriter, MessageStore, StoreError, StoredMessage, UNREAD_CAP,
+    WatermarkMap, Watermarks,
 };
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -73,19 +76,6 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Returns a literal `SELECT` of the columns [`message_from_row`] reads from
-/// `messages`, followed by `$rest` (a literal, so that the statement stays one
-/// audited string).
-macro_rules! select_messages {
-    ($rest:literal) => {
-        concat!(
-            "SELECT id, conversation_id, sender_id, sender_device, client_msg_id, \
-             sent_at_ms, text, notice FROM messages ",
-            $rest
-        )
-    };
-}
-
 /// The read side, on a connection pool.
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteStore {
@@ -98,53 +88,6 @@ pub(crate) struct SqliteStore {
 pub(crate) struct SqliteLogWriter {
     conn: SqliteConnection,
 }
-
-fn message_from_row(row: &SqliteRow) -> Result<StoredMessage, StoreError> {
-    let notice: Option<Vec<u8>> = row.try_get("notice")?;
-    Ok(StoredMessage {
-        id: row.try_get("id")?,
-        conversation_id: row.try_get("conversation_id")?,
-        sender_id: row.try_get("sender_id")?,
-        sender_device: row.try_get("sender_device")?,
-        client_msg_id: row.try_get("client_msg_id")?,
-        sent_at_ms: row.try_get("sent_at_ms")?,
-        text: row.try_get("text")?,
-        notice: notice
-            .map(|bytes| Notice::decode(bytes.as_slice()))
-            .transpose()?,
-    })
-}
-
-/// Reads one row of `user_events` joined (left) to its message.
-fn event_from_row(row: &SqliteRow) -> Result<UserEvent, StoreError> {
-    let seq = seq_from_sql(row.try_get("seq")?);
-    let kind: i64 = row.try_get("kind")?;
-    let payload: Option<Vec<u8>> = row.try_get("payload")?;
-    let payload = payload.unwrap_or_default();
-    let kind = match kind {
-        EVENT_KIND_RECEIPT => UserEventKind::Receipt(prost::Message::decode(payload.as_slice())?),
-        EVENT_KIND_READ_STATE => {
-            UserEventKind::ReadState(prost::Message::decode(payload.as_slice())?)
-        }
-        _ => UserEventKind::Message(message_from_row(row)?),
-    };
-    Ok(UserEvent { seq, kind })
-}
-
-/// Converts a sequence number for a BIGINT column; sequences never come near
-/// `i64::MAX`, and a client's cursor beyond it matches nothing either way.
-fn seq_to_sql(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
-fn seq_from_sql(seq: i64) -> u64 {
-    u64::try_from(seq).unwrap_or(0)
-}
-
-/// `user_events.kind` of each event kind (schema.sql).
-const EVENT_KIND_MESSAGE: i64 = 1;
-const EVENT_KIND_RECEIPT: i64 = 2;
-const EVENT_KIND_READ_STATE: i64 = 3;
 
 /// Most bound parameters one SQLite statement may carry
 /// (`SQLITE_MAX_VARIABLE_NUMBER`, 32766 since SQLite 3.32).
@@ -184,99 +127,19 @@ fn chunks<T>(items: &[T], columns: usize) -> impl Iterator<Item = &[T]> {
     })
 }
 
-impl MessageStore for SqliteStore {
-    fn history(
-        &self,
-        query: HistoryQuery,
-    ) -> BoxFuture<'_, Result<Page<StoredMessage>, StoreError>> {
-        Box::pin(async move {
-            // One row more than the page tells whether the scan has more.
-            let fetch = i64::from(query.limit) + 1;
-            let upwards = query.after.is_some() && query.before.is_none();
-            let rows = if upwards {
-                sqlx::query(select_messages!(
-                    "WHERE conversation_id = ?1 AND id > ?2 AND id <= ?3 \
-                     ORDER BY id ASC LIMIT ?4"
-                ))
-                .bind(query.conversation_id)
-                .bind(query.after.unwrap_or(i64::MIN))
-                .bind(query.up_to.unwrap_or(i64::MAX))
-                .bind(fetch)
-                .fetch_all(&self.pool)
-                .await?
-            } else {
-                sqlx::query(select_messages!(
-                    "WHERE conversation_id = ?1 AND id < ?2 AND id > ?3 AND id <= ?4 \
-                     ORDER BY id DESC LIMIT ?5"
-                ))
-                .bind(query.conversation_id)
-                .bind(query.before.unwrap_or(i64::MAX))
-                .bind(query.after.unwrap_or(i64::MIN))
-                .bind(query.up_to.unwrap_or(i64::MAX))
-                .bind(fetch)
-                .fetch_all(&self.pool)
-                .await?
-            };
-            let has_more = rows.len() > query.limit as usize;
-            let mut items = rows
-                .iter()
-                .take(query.limit as usize)
-                .map(message_from_row)
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            if upwards {
-                items.reverse();
-            }
-            Ok(Page { items, has_more })
-        })
-    }
+/// The head of a user's event sequence ([`common::Shared::sync`]): the last
+/// event itself, since one process numbers every user.
+const SEQ_HEAD: &str = "SELECT MAX(seq) FROM user_events WHERE user_id = ?1";
 
-    fn sync(
-        &self,
-        user_id: i64,
-        after: u64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<SyncPage, StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.pool.acquire().await?;
-            // The head first, and the page bounded by it: the two agree without a
-            // read transaction. Every seq up to the head is committed when the
-            // head is (one batch, one commit), so the page is gap-free up to it.
-            let head: Option<i64> =
-                sqlx::query_scalar("SELECT MAX(seq) FROM user_events WHERE user_id = ?1")
-                    .bind(user_id)
-                    .fetch_one(&mut *conn)
-                    .await?;
-            let head = head.unwrap_or(0);
-            // A left join: receipts and read states carry their payload and
-            // reference no message.
-            let rows = sqlx::query(
-                "SELECT e.seq AS seq, e.kind AS kind, e.payload AS payload, m.id AS id, \
-                 m.conversation_id AS conversation_id, m.sender_id AS sender_id, \
-                 m.sender_device AS sender_device, m.client_msg_id AS client_msg_id, \
-                 m.sent_at_ms AS sent_at_ms, m.text AS text, m.notice AS notice \
-                 FROM user_events e LEFT JOIN messages m \
-                 ON m.id = e.message_id AND e.kind = 1 \
-                 WHERE e.user_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 \
-                 ORDER BY e.seq ASC LIMIT ?4",
-            )
-            .bind(user_id)
-            .bind(seq_to_sql(after))
-            .bind(head)
-            .bind(i64::from(limit) + 1)
-            .fetch_all(&mut *conn)
-            .await?;
-            let has_more = rows.len() > limit as usize;
-            let items = rows
-                .iter()
-                .take(limit as usize)
-                .map(event_from_row)
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok(SyncPage {
-                events: Page { items, has_more },
-                head: seq_from_sql(head),
-            })
-        })
-    }
+impl MessageStore for SqliteStore {
+    common::shared_reads!(
+        history,
+        sync = SEQ_HEAD,
+        leave_point,
+        message,
+        watermarks,
+        receipt_counts,
+    );
 
     fn last_messages<'a>(
         &'a self,
@@ -301,88 +164,6 @@ impl MessageStore for SqliteStore {
             Ok(messages)
         })
     }
-    fn leave_point(
-        &self,
-        conversation_id: i64,
-        user_id: i64,
-    ) -> BoxFuture<'_, Result<Option<i64>, StoreError>> {
-        Box::pin(async move {
-            let last = sqlx::query_scalar(
-                "SELECT last_visible_id FROM former_members \
-                 WHERE conversation_id = ?1 AND user_id = ?2",
-            )
-            .bind(conversation_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            Ok(last)
-        })
-    }
-
-    fn message(
-        &self,
-        conversation_id: i64,
-        message_id: i64,
-    ) -> BoxFuture<'_, Result<Option<StoredMessage>, StoreError>> {
-        Box::pin(async move {
-            let row = sqlx::query(select_messages!("WHERE id = ?1 AND conversation_id = ?2"))
-                .bind(message_id)
-                .bind(conversation_id)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.as_ref().map(message_from_row).transpose()
-        })
-    }
-
-    fn watermarks(
-        &self,
-        conversation_id: i64,
-        except: i64,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<(i64, Watermarks)>, StoreError>> {
-        Box::pin(async move {
-            let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT user_id, delivered_up_to, read_up_to FROM receipts \
-                 WHERE conversation_id = ?1 AND user_id <> ?2 ORDER BY user_id LIMIT ?3",
-            )
-            .bind(conversation_id)
-            .bind(except)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-            Ok(rows
-                .into_iter()
-                .map(|(user_id, delivered_up_to, read_up_to)| {
-                    let marks = Watermarks {
-                        delivered_up_to,
-                        read_up_to,
-                    };
-                    (user_id, marks)
-                })
-                .collect())
-        })
-    }
-
-    fn receipt_counts(
-        &self,
-        conversation_id: i64,
-        message_id: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<(u32, u32), StoreError>> {
-        Box::pin(async move {
-            let (delivered, read): (Option<i64>, Option<i64>) = sqlx::query_as(
-                "SELECT SUM(delivered_up_to >= ?2), SUM(read_up_to >= ?2) FROM receipts \
-                 WHERE conversation_id = ?1 AND user_id <> ?3",
-            )
-            .bind(conversation_id)
-            .bind(message_id)
-            .bind(except)
-            .fetch_one(&self.pool)
-            .await?;
-            let count = |n: Option<i64>| u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX);
-            Ok((count(delivered), count(read)))
-        })
-    }
 
     fn unread_counts<'a>(
         &'a self,
@@ -403,9 +184,14 @@ impl MessageStore for SqliteStore {
                 .fetch_optional(&mut *conn)
                 .await?;
                 let read_up_to = read_up_to.unwrap_or(0);
-                let unread =
-                    count_unread(&mut conn, conversation_id, read_up_to, user_id, UNREAD_CAP)
-                        .await?;
+                let unread = common::Shared::count_unread(
+                    &mut *conn,
+                    conversation_id,
+                    read_up_to,
+                    user_id,
+                    UNREAD_CAP,
+                )
+                .await?;
                 states.push(ReadState {
                     conversation_id,
                     read_up_to,
@@ -415,29 +201,6 @@ impl MessageStore for SqliteStore {
             Ok(states)
         })
     }
-}
-
-/// Counts the messages of a conversation after `after`, sent by others and not
-/// notices, reading at most `cap` index entries.
-async fn count_unread(
-    conn: &mut SqliteConnection,
-    conversation_id: i64,
-    after: i64,
-    user_id: i64,
-    cap: u32,
-) -> Result<u32, StoreError> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-         WHERE conversation_id = ?1 AND id > ?2 AND sender_id <> ?3 AND notice IS NULL \
-         LIMIT ?4)",
-    )
-    .bind(conversation_id)
-    .bind(after)
-    .bind(user_id)
-    .bind(i64::from(cap))
-    .fetch_one(conn)
-    .await?;
-    Ok(u32::try_from(count).unwrap_or(cap))
 }
 
 impl LogWriter for SqliteLogWriter {
@@ -468,12 +231,8 @@ impl LogWriter for SqliteLogWriter {
                 // The keys as a constant table joined to the unique index: one index
                 // seek per key (EXPLAIN QUERY PLAN: SCAN k, SEARCH m USING INDEX
                 // messages_sender_client_msg_id).
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT m.id AS id, m.conversation_id AS conversation_id, \
-                     m.sender_id AS sender_id, m.sender_device AS sender_device, \
-                     m.client_msg_id AS client_msg_id, m.sent_at_ms AS sent_at_ms, \
-                     m.text AS text, m.notice AS notice FROM (",
-                );
+                let mut query =
+                    QueryBuilder::<Sqlite>::new(concat!("SELECT ", message_columns!(), " FROM ("));
                 query.push_values(chunk, |mut row, &(sender_id, client_msg_id)| {
                     row.push_bind(sender_id).push_bind(client_msg_id);
                 });
@@ -510,13 +269,12 @@ impl LogWriter for SqliteLogWriter {
                     row.push_bind(user_id);
                 });
                 query.push(") AS k");
-                let rows = query.build().fetch_all(&mut self.conn).await?;
-                for row in &rows {
-                    let seq: Option<i64> = row.try_get("seq")?;
-                    if let Some(seq) = seq {
-                        last.insert(row.try_get("user_id")?, seq_from_sql(seq));
-                    }
-                }
+                let rows: Vec<(i64, Option<i64>)> =
+                    query.build_query_as().fetch_all(&mut self.conn).await?;
+                let seqs = rows
+                    .into_iter()
+                    .map(|(user, seq)| (user, seq.map(seq_from_sql)));
+                extend_present(&mut last, seqs);
             }
             Ok(last)
         })
@@ -540,7 +298,7 @@ impl LogWriter for SqliteLogWriter {
                         .push_bind(message.client_msg_id.as_str())
                         .push_bind(message.sent_at_ms)
                         .push_bind(message.text.as_str())
-                        .push_bind(message.notice.as_ref().map(|n| n.encode_to_vec()));
+                        .push_bind(notice_to_sql(message));
                 });
                 query.build().execute(&mut self.conn).await?;
             }
@@ -558,15 +316,7 @@ impl LogWriter for SqliteLogWriter {
                     "INSERT INTO user_events (user_id, seq, kind, message_id, payload) ",
                 );
                 query.push_values(chunk, |mut row, event| {
-                    let (kind, payload) = match &event.payload {
-                        EventPayload::Message => (EVENT_KIND_MESSAGE, None),
-                        EventPayload::Receipt(receipt) => {
-                            (EVENT_KIND_RECEIPT, Some(receipt.encode_to_vec()))
-                        }
-                        EventPayload::ReadState(state) => {
-                            (EVENT_KIND_READ_STATE, Some(state.encode_to_vec()))
-                        }
-                    };
+                    let (kind, payload) = event_to_sql(&event.payload);
                     row.push_bind(event.user_id)
                         .push_bind(seq_to_sql(event.seq))
                         .push_bind(kind)
@@ -597,13 +347,9 @@ impl LogWriter for SqliteLogWriter {
                     row.push_bind(conversation_id);
                 });
                 query.push(") AS k");
-                let rows = query.build().fetch_all(&mut self.conn).await?;
-                for row in &rows {
-                    let id: Option<i64> = row.try_get("id")?;
-                    if let Some(id) = id {
-                        newest.insert(row.try_get("conversation_id")?, id);
-                    }
-                }
+                let rows: Vec<(i64, Option<i64>)> =
+                    query.build_query_as().fetch_all(&mut self.conn).await?;
+                extend_present(&mut newest, rows);
             }
             Ok(newest)
         })
@@ -627,15 +373,9 @@ impl LogWriter for SqliteLogWriter {
                     ") AS k JOIN receipts r \
                      ON r.conversation_id = k.column1 AND r.user_id = k.column2",
                 );
-                let rows = query.build().fetch_all(&mut self.conn).await?;
-                for row in &rows {
-                    let key = (row.try_get("conversation_id")?, row.try_get("user_id")?);
-                    let marks = Watermarks {
-                        delivered_up_to: row.try_get("delivered_up_to")?,
-                        read_up_to: row.try_get("read_up_to")?,
-                    };
-                    found.insert(key, marks);
-                }
+                let rows: Vec<(i64, i64, i64, i64)> =
+                    query.build_query_as().fetch_all(&mut self.conn).await?;
+                extend_watermarks(&mut found, rows);
             }
             Ok(found)
         })
@@ -665,45 +405,6 @@ impl LogWriter for SqliteLogWriter {
             }
             Ok(())
         })
-    }
-
-    fn senders_between(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
-        Box::pin(async move {
-            let senders = sqlx::query_scalar(
-                "SELECT DISTINCT sender_id FROM messages \
-                 WHERE conversation_id = ?1 AND id > ?2 AND id <= ?3 AND sender_id <> ?4 \
-                 AND notice IS NULL",
-            )
-            .bind(conversation_id)
-            .bind(after)
-            .bind(up_to)
-            .bind(except)
-            .fetch_all(&mut self.conn)
-            .await?;
-            Ok(senders)
-        })
-    }
-
-    fn count_unread(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        user_id: i64,
-        cap: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        Box::pin(count_unread(
-            &mut self.conn,
-            conversation_id,
-            after,
-            user_id,
-            cap,
-        ))
     }
 
     fn record_leaves<'a>(
@@ -749,12 +450,7 @@ impl LogWriter for SqliteLogWriter {
         ))
     }
 
-    fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
-            Ok(())
-        })
-    }
+    common::shared_writes!(senders_between, count_unread, commit, close);
 
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
@@ -769,13 +465,6 @@ impl LogWriter for SqliteLogWriter {
                 Err(error) => Err(error.into()),
                 Ok(_) => Ok(()),
             }
-        })
-    }
-
-    fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.conn.close().await?;
-            Ok(())
         })
     }
 }

@@ -62,6 +62,7 @@ impl PresenceStore for SqliteStore {
                     let stored = StoredPresence {
                         last_seen_ms: row.try_get("last_seen_ms")?,
                         visibility: Visibility::from_code(row.try_get("last_seen_visibility")?),
+                        online: false,
                     };
                     found.insert(row.try_get("user_id")?, stored);
                 }
@@ -145,11 +146,13 @@ mod tests {
         let eight = StoredPresence {
             last_seen_ms: 500,
             visibility: Visibility::Nobody,
+            online: false,
         };
         assert_eq!(loaded[&8], eight);
         let stranger = StoredPresence {
             last_seen_ms: 0,
             visibility: Visibility::Everyone,
+            online: false,
         };
         assert_eq!(loaded[&5_000], stranger);
     }

@@ -17,6 +17,7 @@ use confab_tests::{Cluster, Conn, Encoding, Role, Server};
 mod chat;
 mod faults;
 mod harness;
+mod presence;
 
 /// Held by every test that starts processes: this machine has few cores, and
 /// a fault must not coincide with another test's start-up.

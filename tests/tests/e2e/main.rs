@@ -31,6 +31,8 @@ mod messaging;
 mod presence;
 mod robustness;
 mod security;
+mod tokens;
+mod transport;
 
 /// Held by the tests that open hundreds of connections, so that no two of them
 /// run at once (one process may hold at most 20,000 open files here).

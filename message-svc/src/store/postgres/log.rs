@@ -3,16 +3,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use prost::Message as _;
-use sqlx::Connection as _;
-
-use super::{
-    EVENT_KIND_MESSAGE, EVENT_KIND_READ_STATE, EVENT_KIND_RECEIPT, PgLogWriter, message_from_row,
-    seq_from_sql, seq_to_sql,
+use super::PgLogWriter;
+use crate::store::common::{
+    self, event_to_sql, extend_present, extend_watermarks, message_from_row, notice_to_sql,
+    select_messages, seq_from_sql, seq_to_sql,
 };
 use crate::store::{
-    BoxFuture, EventPayload, EventRow, LogWriter, StoreError, StoredMessage, WatermarkMap,
-    Watermarks,
+    BoxFuture, EventRow, LogWriter, StoreError, StoredMessage, WatermarkMap, Watermarks,
 };
 
 impl PgLogWriter {
@@ -122,10 +119,7 @@ impl LogWriter for PgLogWriter {
                 messages.iter().map(|m| m.client_msg_id.as_str()).collect();
             let sent_at: Vec<i64> = messages.iter().map(|m| m.sent_at_ms).collect();
             let texts: Vec<&str> = messages.iter().map(|m| m.text.as_str()).collect();
-            let notices: Vec<Option<Vec<u8>>> = messages
-                .iter()
-                .map(|m| m.notice.as_ref().map(|n| n.encode_to_vec()))
-                .collect();
+            let notices: Vec<Option<Vec<u8>>> = messages.iter().map(notice_to_sql).collect();
             sqlx::query(
                 "INSERT INTO messages (id, conversation_id, sender_id, sender_device, \
                  client_msg_id, sent_at_ms, text, notice) \
@@ -159,15 +153,7 @@ impl LogWriter for PgLogWriter {
             let message_ids: Vec<i64> = events.iter().map(|e| e.message_id).collect();
             let (kinds, payloads): (Vec<i16>, Vec<Option<Vec<u8>>>) = events
                 .iter()
-                .map(|event| match &event.payload {
-                    EventPayload::Message => (EVENT_KIND_MESSAGE, None),
-                    EventPayload::Receipt(receipt) => {
-                        (EVENT_KIND_RECEIPT, Some(receipt.encode_to_vec()))
-                    }
-                    EventPayload::ReadState(state) => {
-                        (EVENT_KIND_READ_STATE, Some(state.encode_to_vec()))
-                    }
-                })
+                .map(|event| event_to_sql(&event.payload))
                 .unzip();
             sqlx::query(
                 "INSERT INTO user_events (user_id, seq, kind, message_id, payload) \
@@ -230,10 +216,9 @@ impl LogWriter for PgLogWriter {
             .bind(conversation_ids)
             .fetch_all(&mut self.conn)
             .await?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|(conversation_id, id)| Some((conversation_id, id?)))
-                .collect())
+            let mut newest = HashMap::with_capacity(rows.len());
+            extend_present(&mut newest, rows);
+            Ok(newest)
         })
     }
 
@@ -255,16 +240,9 @@ impl LogWriter for PgLogWriter {
             .bind(&users)
             .fetch_all(&mut self.conn)
             .await?;
-            Ok(rows
-                .into_iter()
-                .map(|(conversation_id, user_id, delivered_up_to, read_up_to)| {
-                    let marks = Watermarks {
-                        delivered_up_to,
-                        read_up_to,
-                    };
-                    ((conversation_id, user_id), marks)
-                })
-                .collect())
+            let mut found = HashMap::with_capacity(rows.len());
+            extend_watermarks(&mut found, rows);
+            Ok(found)
         })
     }
 
@@ -299,52 +277,6 @@ impl LogWriter for PgLogWriter {
             .execute(&mut self.conn)
             .await?;
             Ok(())
-        })
-    }
-
-    fn senders_between(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
-        Box::pin(async move {
-            let senders = sqlx::query_scalar(
-                "SELECT DISTINCT sender_id FROM messages \
-                 WHERE conversation_id = $1 AND id > $2 AND id <= $3 AND sender_id <> $4 \
-                 AND notice IS NULL",
-            )
-            .bind(conversation_id)
-            .bind(after)
-            .bind(up_to)
-            .bind(except)
-            .fetch_all(&mut self.conn)
-            .await?;
-            Ok(senders)
-        })
-    }
-
-    fn count_unread(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        user_id: i64,
-        cap: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        Box::pin(async move {
-            let count: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-                 WHERE conversation_id = $1 AND id > $2 AND sender_id <> $3 \
-                 AND notice IS NULL LIMIT $4) AS capped",
-            )
-            .bind(conversation_id)
-            .bind(after)
-            .bind(user_id)
-            .bind(i64::from(cap))
-            .fetch_one(&mut self.conn)
-            .await?;
-            Ok(u32::try_from(count).unwrap_or(cap))
         })
     }
 
@@ -408,24 +340,12 @@ impl LogWriter for PgLogWriter {
         })
     }
 
-    fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
-            Ok(())
-        })
-    }
+    common::shared_writes!(senders_between, count_unread, commit, close);
 
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             // Without an open transaction PostgreSQL only warns.
             sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await?;
-            Ok(())
-        })
-    }
-
-    fn close(self: Box<Self>) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.conn.close().await?;
             Ok(())
         })
     }

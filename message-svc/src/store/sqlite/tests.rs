@@ -2,6 +2,8 @@
 //! (`store::tests`), then what only SQLite has (statement chunks, the column
 //! migration of older files).
 
+use sqlx::Connection as _;
+
 use super::*;
 use crate::store::tests::{BATCH_KEYS, BATCH_MESSAGES, BATCH_USERS, Log, Store, message};
 
