@@ -12,6 +12,9 @@
 //! - [`client`]: live connections, external-token users, and the servers
 //!   (`--server` may name several gateways of one cluster).
 //! - [`report`]: the JSON result and Markdown report every run writes.
+//! - [`suite`]: the runs of one `--out` directory together: their table and
+//!   charts ([`plot`]), redrawn after every run; `summary` writes them to
+//!   `summary.md`.
 
 use std::path::PathBuf;
 
@@ -24,8 +27,10 @@ mod connections;
 mod group;
 mod history;
 mod one_to_one;
+mod plot;
 mod reconnect;
 mod report;
+mod suite;
 
 /// Load generator for Confab.
 #[derive(Debug, Parser)]
@@ -58,6 +63,9 @@ enum Scenario {
     Reconnect(reconnect::Args),
     /// Idle authenticated connections held with heartbeats: memory per connection.
     Connections(connections::Args),
+    /// Not a scenario: writes `summary.md` (machine, one row per run, charts)
+    /// from the results already in `--out`.
+    Summary,
 }
 
 #[tokio::main]
@@ -71,6 +79,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::History(args) => history::run(server, args).await?,
         Scenario::Reconnect(args) => reconnect::run(server, args).await?,
         Scenario::Connections(args) => connections::run(server, args).await?,
+        Scenario::Summary => {
+            let path = suite::write(&cli.out)?;
+            println!("{}", std::fs::read_to_string(&path)?);
+            eprintln!("summary written to {}", path.display());
+            return Ok(());
+        }
     };
     let path = result.with_servers(&servers).write(&cli.out)?;
     eprintln!("result written to {}", path.display());

@@ -74,6 +74,8 @@ pub(crate) struct Machine {
     pub(crate) cores: usize,
     pub(crate) memory_kib: Option<u64>,
     pub(crate) kernel: Option<String>,
+    /// The 1, 5 and 15 minute load averages when the run ended.
+    pub(crate) load_average: Option<String>,
 }
 
 impl Machine {
@@ -86,8 +88,19 @@ impl Machine {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .ok()
                 .map(|release| release.trim().to_owned()),
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .map(|text| load_average(&text)),
         }
     }
+}
+
+/// Returns the three load averages of /proc/loadavg's text.
+pub(crate) fn load_average(text: &str) -> String {
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Returns the value of a `Name:   1234 kB` line of a /proc file.
@@ -142,8 +155,9 @@ impl RunResult {
         self
     }
 
-    /// Writes the JSON result into `dir` and appends a section to
-    /// `dir/report.md`; returns the JSON file's path.
+    /// Writes the JSON result into `dir`, redraws the charts of every run in
+    /// `dir` ([`crate::suite`]), and appends a section to `dir/report.md` that
+    /// links this scenario's chart; returns the JSON file's path.
     ///
     /// # Errors
     ///
@@ -152,11 +166,24 @@ impl RunResult {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(format!("{}-{}.json", self.scenario, self.finished_at_ms));
         std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")?;
+        // A chart that cannot be drawn does not cost the run its result.
+        let drawn = crate::suite::load(dir)
+            .and_then(|runs| crate::suite::draw(dir, &runs))
+            .unwrap_or_else(|error| {
+                eprintln!("charts not drawn: {error:#}");
+                Vec::new()
+            });
+        let mut section = self.markdown(&path);
+        for chart in drawn {
+            if chart.starts_with(self.scenario) {
+                section.push_str(&format!("\n![{chart}]({chart})\n"));
+            }
+        }
         let mut report = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("report.md"))?;
-        report.write_all(self.markdown(&path).as_bytes())?;
+        report.write_all(section.as_bytes())?;
         Ok(path)
     }
 
@@ -239,6 +266,14 @@ mod tests {
     }
 
     #[test]
+    fn the_load_average_is_the_first_three_fields() {
+        assert_eq!(
+            load_average("1.42 2.72 4.08 5/192 2042\n"),
+            "1.42 2.72 4.08"
+        );
+    }
+
+    #[test]
     fn kib_fields_are_read_from_proc_style_text() {
         let text = "Name:\tconfab\nVmRSS:\t   12345 kB\n";
         assert_eq!(kib_field(text, "VmRSS:"), Some(12_345));
@@ -284,5 +319,22 @@ mod tests {
         assert!(report.contains("| clients | 2 |"), "{report}");
         assert!(report.contains("| pages_per_s | 12.50 |"), "{report}");
         assert!(report.contains("| latency.count | 3 |"), "{report}");
+        assert!(!report.contains(".png"), "no chart for history: {report}");
+    }
+
+    #[test]
+    fn a_one_to_one_run_links_the_latency_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let figures = serde_json::json!({
+            "delivered_latency": { "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0 },
+        });
+        RunResult::new("one-to-one", &serde_json::json!({ "rate": 100 }), &figures)
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
+        let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        let link = format!("![{0}]({0})", crate::suite::LATENCY_PNG);
+        assert!(report.contains(&link), "{report}");
+        assert!(dir.path().join(crate::suite::LATENCY_PNG).exists());
     }
 }

@@ -48,6 +48,9 @@ impl Health {
     }
 }
 
+/// Most messages in one response page (message-svc's history limit).
+const MAX_PAGE_MESSAGES: usize = 200;
+
 /// Builds the router and the health reporter.
 pub(crate) fn router(
     gateway: Arc<Gateway>,
@@ -63,13 +66,27 @@ pub(crate) fn router(
         .register_encoded_file_descriptor_set(confab_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let grpc =
-        tonic::service::Routes::new(EdgeServer::new(api.clone()).max_decoding_message_size(max))
-            .add_service(AccountsServer::new(api.clone()).max_decoding_message_size(max))
-            .add_service(ConversationsServer::new(api).max_decoding_message_size(max))
-            .add_service(health_service)
-            .add_service(reflection)
-            .into_axum_router();
+    // Responses are bounded by their page sizes (at most 200 messages, each
+    // smaller than a frame); the encode limit makes that a checked promise.
+    let out = max.saturating_mul(MAX_PAGE_MESSAGES).max(4 * 1024 * 1024);
+    let grpc = tonic::service::Routes::new(
+        EdgeServer::new(api.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(out),
+    )
+    .add_service(
+        AccountsServer::new(api.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(out),
+    )
+    .add_service(
+        ConversationsServer::new(api)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(out),
+    )
+    .add_service(health_service)
+    .add_service(reflection)
+    .into_axum_router();
     let state = AppState {
         gateway,
         closing,

@@ -14,6 +14,8 @@
 //!   address, WebSocket origins) and the count of refusals.
 //! - `accept`: the serving loop: TCP accept, hyper connections (HTTP/1.1 with
 //!   upgrades, h2c), the header-read deadline, the drain at shutdown.
+//! - `fuzzing`: the decoders of network input, reachable for the fuzz targets in
+//!   `fuzz/` only (hidden, not an API).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ mod accept;
 mod auth;
 mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod http;
 pub mod hub;
@@ -199,5 +203,26 @@ async fn prune(limits: Arc<limits::Limits>, closing: CancellationToken) {
             () = closing.cancelled() => return,
             _ = every.tick() => limits.prune(),
         }
+    }
+}
+
+/// The proto3 JSON mapping of WebSocket text frames, reachable for the
+/// benchmarks in `benches/` only; not an API.
+#[doc(hidden)]
+pub mod bench_json {
+    use confab_proto::v1::{ClientFrame, ServerFrame};
+
+    /// Parses a client frame from its proto3 JSON form.
+    ///
+    /// # Errors
+    ///
+    /// Returns a one-line description of what is wrong with the text.
+    pub fn decode_client_frame(text: &str) -> Result<ClientFrame, String> {
+        crate::json::decode_client_frame(text)
+    }
+
+    /// Renders a server frame in its proto3 JSON form.
+    pub fn encode_server_frame(frame: &ServerFrame) -> String {
+        crate::json::encode_server_frame(frame)
     }
 }

@@ -220,7 +220,7 @@ where
 }
 
 /// What one WebSocket message means to the engine.
-enum Step {
+pub(crate) enum Step {
     Yield(Inbound),
     /// A control frame, answered by the WebSocket layer itself.
     Skip,
@@ -231,7 +231,7 @@ enum Step {
     InvalidText,
 }
 
-fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
+pub(crate) fn decode(message: Result<Message, axum::Error>, text: &AtomicBool) -> Step {
     match message {
         Ok(Message::Binary(bytes)) => {
             text.store(false, Ordering::Relaxed);

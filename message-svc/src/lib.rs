@@ -351,7 +351,7 @@ mod tests {
     use tonic::{Code, Request};
 
     use super::*;
-    use crate::testing::{BROKEN_CONVERSATION, RecordingBus, open_service};
+    use crate::testing::{GroupSvc, RecordingBus, open_service, open_service_with};
 
     fn send_request(
         sender_id: i64,
@@ -371,6 +371,7 @@ mod tests {
     async fn history(
         service: &MessageService,
         user_id: i64,
+        conversation_id: i64,
         before: i64,
         after: i64,
         limit: u32,
@@ -379,7 +380,7 @@ mod tests {
             service,
             Request::new(HistoryRequest {
                 user_id,
-                conversation_id: 2,
+                conversation_id,
                 before,
                 after,
                 limit,
@@ -414,25 +415,26 @@ mod tests {
     async fn bad_input_refused_and_nothing_stored() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus.clone()).await;
+        let (service, groups) = open_service(&dir, bus.clone()).await;
+        let (user, direct) = (groups.u[1], groups.direct);
         let cases = [
             (
-                send_request(1, 1, "", "hi"),
+                send_request(user, direct, "", "hi"),
                 Code::InvalidArgument,
                 "client_msg_id must be 1-64 characters",
             ),
             (
-                send_request(1, 1, &"x".repeat(65), "hi"),
+                send_request(user, direct, &"x".repeat(65), "hi"),
                 Code::InvalidArgument,
                 "client_msg_id must be 1-64 characters",
             ),
             (
-                send_request(1, 1, "ok", ""),
+                send_request(user, direct, "ok", ""),
                 Code::InvalidArgument,
                 "message text is empty",
             ),
             (
-                send_request(1, 1, "ok", &"x".repeat(16 * 1024 + 1)),
+                send_request(user, direct, "ok", &"x".repeat(16 * 1024 + 1)),
                 Code::ResourceExhausted,
                 "message text exceeds 16384 bytes",
             ),
@@ -441,7 +443,7 @@ mod tests {
             let status = Messages::send(&service, request).await.unwrap_err();
             assert_eq!((status.code(), status.message()), (code, message));
         }
-        let mut no_device = send_request(1, 1, "ok", "hi");
+        let mut no_device = send_request(user, direct, "ok", "hi");
         no_device.get_mut().sender_device.clear();
         assert_eq!(
             Messages::send(&service, no_device)
@@ -451,9 +453,9 @@ mod tests {
             Code::InvalidArgument
         );
         // 64 characters of 2 bytes each, and exactly the byte limit, are fine.
-        let ok = send_request(1, 1, &"é".repeat(64), &"x".repeat(16 * 1024));
+        let ok = send_request(user, direct, &"é".repeat(64), &"x".repeat(16 * 1024));
         Messages::send(&service, ok).await.unwrap();
-        assert_eq!(sync_len(&service, 1).await, 1);
+        assert_eq!(sync_len(&service, user).await, 1);
         assert_eq!(bus.events.lock().len(), 2);
     }
 
@@ -463,11 +465,18 @@ mod tests {
     async fn members_only() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        let outsider = Messages::send(&service, send_request(3, 1, "a", "hi"))
+        let (service, groups) = open_service(&dir, bus).await;
+        let &GroupSvc {
+            u,
+            direct,
+            trio,
+            group,
+            ..
+        } = &groups;
+        let outsider = Messages::send(&service, send_request(u[3], direct, "a", "hi"))
             .await
             .unwrap_err();
-        let unknown = Messages::send(&service, send_request(1, 99, "a", "hi"))
+        let unknown = Messages::send(&service, send_request(u[1], 99, "a", "hi"))
             .await
             .unwrap_err();
         assert_eq!(
@@ -479,8 +488,8 @@ mod tests {
             (outsider.code(), outsider.message())
         );
         let history = HistoryRequest {
-            user_id: 3,
-            conversation_id: 1,
+            user_id: u[3],
+            conversation_id: direct,
             ..Default::default()
         };
         let status = Messages::history(&service, Request::new(history))
@@ -490,16 +499,20 @@ mod tests {
             (status.code(), status.message()),
             (Code::NotFound, "no such conversation")
         );
-        let broken = Messages::send(&service, send_request(1, BROKEN_CONVERSATION, "a", "hi"))
+        assert_eq!(sync_len(&service, u[3]).await, 0);
+        assert_eq!(sync_len(&service, u[1]).await, 0);
+        // A member of the conversation is let in.
+        Messages::send(&service, send_request(u[3], trio, "a", "hi"))
+            .await
+            .unwrap();
+        // group-svc failing (its database down) on a conversation not cached
+        // yet: UNAVAILABLE, and nothing stored.
+        groups.database_down().await;
+        let broken = Messages::send(&service, send_request(u[1], group, "a", "hi"))
             .await
             .unwrap_err();
         assert_eq!(broken.code(), Code::Unavailable);
-        assert_eq!(sync_len(&service, 3).await, 0);
-        assert_eq!(sync_len(&service, 1).await, 0);
-        // A member of the conversation is let in.
-        Messages::send(&service, send_request(3, 2, "a", "hi"))
-            .await
-            .unwrap();
+        assert_eq!(sync_len(&service, u[1]).await, 1, "the member's send only");
     }
 
     /// History through the gRPC layer: newest first, before/after/limit/has_more,
@@ -508,11 +521,13 @@ mod tests {
     async fn history_pages() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, trio) = (groups.u, groups.trio);
         let mut ids = Vec::new();
         for i in 0..7 {
+            let sender = u[1 + i % 3];
             let response =
-                Messages::send(&service, send_request(1 + i % 3, 2, &format!("m{i}"), "hi"))
+                Messages::send(&service, send_request(sender, trio, &format!("m{i}"), "hi"))
                     .await
                     .unwrap();
             ids.push(response.into_inner().message.unwrap().id);
@@ -523,27 +538,27 @@ mod tests {
         );
         let newest_first: Vec<i64> = ids.iter().rev().copied().collect();
         assert_eq!(
-            history(&service, 3, 0, 0, 0).await,
+            history(&service, u[3], trio, 0, 0, 0).await,
             (newest_first.clone(), false)
         );
         assert_eq!(
-            history(&service, 3, 0, 0, 3).await,
+            history(&service, u[3], trio, 0, 0, 3).await,
             (newest_first[..3].to_vec(), true)
         );
         assert_eq!(
-            history(&service, 3, ids[4], 0, 3).await,
+            history(&service, u[3], trio, ids[4], 0, 3).await,
             (newest_first[3..6].to_vec(), true)
         );
         assert_eq!(
-            history(&service, 3, ids[1], 0, 3).await,
+            history(&service, u[3], trio, ids[1], 0, 3).await,
             (vec![ids[0]], false)
         );
         assert_eq!(
-            history(&service, 3, 0, ids[1], 2).await,
+            history(&service, u[3], trio, 0, ids[1], 2).await,
             (vec![ids[3], ids[2]], true)
         );
         assert_eq!(
-            history(&service, 3, 0, ids[4], 5).await,
+            history(&service, u[3], trio, 0, ids[4], 5).await,
             (vec![ids[6], ids[5]], false)
         );
     }
@@ -554,18 +569,25 @@ mod tests {
     async fn last_messages() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        Messages::send(&service, send_request(1, 1, "a", "first"))
+        let (service, groups) = open_service(&dir, bus).await;
+        let &GroupSvc {
+            u,
+            direct,
+            trio,
+            channel,
+            ..
+        } = &groups;
+        Messages::send(&service, send_request(u[1], direct, "a", "first"))
             .await
             .unwrap();
-        Messages::send(&service, send_request(2, 1, "b", "second"))
+        Messages::send(&service, send_request(u[2], direct, "b", "second"))
             .await
             .unwrap();
-        Messages::send(&service, send_request(3, 2, "c", "third"))
+        Messages::send(&service, send_request(u[3], trio, "c", "third"))
             .await
             .unwrap();
         let request = Request::new(LastMessagesRequest {
-            conversation_ids: vec![1, 2, 5, 1],
+            conversation_ids: vec![direct, trio, channel, direct],
         });
         let last = Messages::last_messages(&service, request)
             .await
@@ -589,12 +611,13 @@ mod tests {
     async fn shutdown_then_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, mut live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, direct) = (groups.u, groups.direct);
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..50 {
             let service = service.clone();
             tasks.spawn(async move {
-                Messages::send(&service, send_request(1, 1, &format!("m{i}"), "hi")).await
+                Messages::send(&service, send_request(u[1], direct, &format!("m{i}"), "hi")).await
             });
         }
         // Shut down while sends are in flight: once the first is committed.
@@ -607,7 +630,7 @@ mod tests {
                 Err(status) => assert_eq!(status.code(), Code::Unavailable),
             }
         }
-        let late = Messages::send(&service, send_request(1, 1, "late", "hi"))
+        let late = Messages::send(&service, send_request(u[1], direct, "late", "hi"))
             .await
             .unwrap_err();
         assert_eq!(late.code(), Code::Unavailable);
@@ -619,9 +642,9 @@ mod tests {
         drop(service);
 
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        assert_eq!(sync_len(&service, 2).await, acked);
-        let response = Messages::send(&service, send_request(2, 1, "after", "hi"))
+        let service = open_service_with(&dir, bus, &groups).await;
+        assert_eq!(sync_len(&service, u[2]).await, acked);
+        let response = Messages::send(&service, send_request(u[2], direct, "after", "hi"))
             .await
             .unwrap()
             .into_inner();
@@ -629,7 +652,7 @@ mod tests {
         let events = Messages::sync(
             &service,
             Request::new(SyncRequest {
-                user_id: 1,
+                user_id: u[1],
                 after: 0,
                 limit: 0,
             }),
@@ -649,15 +672,16 @@ mod tests {
     async fn invalidate_members_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        Messages::send(&service, send_request(1, 1, "a", "hi"))
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, direct) = (groups.u, groups.direct);
+        Messages::send(&service, send_request(u[1], direct, "a", "hi"))
             .await
             .unwrap();
-        service.invalidate_members(1);
-        Messages::send(&service, send_request(2, 1, "b", "hi"))
+        service.invalidate_members(direct);
+        Messages::send(&service, send_request(u[2], direct, "b", "hi"))
             .await
             .unwrap();
-        assert_eq!(sync_len(&service, 1).await, 2);
+        assert_eq!(sync_len(&service, u[1]).await, 2);
     }
 
     /// Sync returns the user's head: 0 before any event, then the last seq, also
@@ -666,10 +690,11 @@ mod tests {
     async fn sync_returns_head() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, direct) = (groups.u, groups.direct);
         let sync = |after, limit| {
             let request = Request::new(SyncRequest {
-                user_id: 2,
+                user_id: u[2],
                 after,
                 limit,
             });
@@ -684,7 +709,7 @@ mod tests {
         let empty = sync(0, 0).await;
         assert_eq!((empty.events.len(), empty.head), (0, 0));
         for i in 0..3 {
-            Messages::send(&service, send_request(1, 1, &format!("m{i}"), "hi"))
+            Messages::send(&service, send_request(u[1], direct, &format!("m{i}"), "hi"))
                 .await
                 .unwrap();
         }

@@ -97,13 +97,12 @@ mod tests {
     use confab_common::bus::Audience;
     use confab_proto::message::v1::HistoryRequest;
     use confab_proto::message::v1::messages_server::Messages;
-    use confab_proto::v1::{ConversationKind, Created, Notice, Role, event};
+    use confab_proto::v1::event;
     use tonic::Code;
 
     use super::*;
     use crate::testing::{
-        CHANNEL, GROUP, RecordingBus, append, history_ids, message_ids_of,
-        open_service_with_groups, send,
+        GroupSvc, RecordingBus, append, history_ids, id_of, message_ids_of, open_service, send,
     };
     use crate::writer::SendCommand;
 
@@ -115,24 +114,26 @@ mod tests {
     async fn removal_notice_ordered_with_messages() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus).await;
-        let before = send(&service, 1, GROUP, "before").await.unwrap();
-        let stale_hint = service.inner.members.snapshot(GROUP).await.unwrap();
-        let notice = append(&service, groups.remove(GROUP, 1, 3)).await.unwrap();
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group) = (groups.u, groups.group);
+        let before = send(&service, u[1], group, "before").await.unwrap();
+        let stale_hint = service.inner.members.snapshot(group).await.unwrap();
+        let removed = groups.remove(group, u[1], u[3]).await;
+        let notice = append(&service, removed).await.unwrap();
         assert!(notice.text.is_empty() && notice.notice.is_some());
-        assert_eq!(notice.sender_id, 1);
-        let after = send(&service, 2, GROUP, "after").await.unwrap();
+        assert_eq!(notice.sender_id, u[1]);
+        let after = send(&service, u[2], group, "after").await.unwrap();
 
         assert_eq!(
-            message_ids_of(&service, 3).await,
+            message_ids_of(&service, u[3]).await,
             vec![before.id, notice.id]
         );
         assert_eq!(
-            message_ids_of(&service, 4).await,
+            message_ids_of(&service, u[4]).await,
             vec![before.id, notice.id, after.id]
         );
 
-        let refused = send(&service, 3, GROUP, "late").await.unwrap_err();
+        let refused = send(&service, u[3], group, "late").await.unwrap_err();
         assert_eq!(
             (refused.code(), refused.message()),
             (Code::NotFound, "no such conversation")
@@ -140,9 +141,9 @@ mod tests {
         // A send that passed the pre-check before the removal but reaches the
         // writer after it is refused at commit time.
         let raced = SendCommand {
-            sender_id: 3,
+            sender_id: u[3],
             sender_device: "phone".into(),
-            conversation_id: GROUP,
+            conversation_id: group,
             client_msg_id: "raced".into(),
             text: "hi".into(),
             hint: stale_hint,
@@ -151,21 +152,20 @@ mod tests {
         let raced = writer::submit(&service.writer().unwrap(), raced).await;
         assert!(matches!(raced, Err(MessageError::ConversationNotFound)));
         assert_eq!(
-            history_ids(&service, 1, GROUP).await.unwrap(),
+            history_ids(&service, u[1], group).await.unwrap(),
             vec![after.id, notice.id, before.id],
             "nothing stored for the refused sends"
         );
 
-        let added = append(&service, groups.add_members(GROUP, 1, &[3]))
-            .await
-            .unwrap();
-        let again = send(&service, 2, GROUP, "again").await.unwrap();
+        let added = groups.add_members(group, u[1], &[u[3]]).await;
+        let added = append(&service, added).await.unwrap();
+        let again = send(&service, u[2], group, "again").await.unwrap();
         assert_eq!(
-            message_ids_of(&service, 3).await,
+            message_ids_of(&service, u[3]).await,
             vec![before.id, notice.id, added.id, again.id]
         );
         // A member again: the leave point is gone and the whole history readable.
-        assert_eq!(history_ids(&service, 3, GROUP).await.unwrap().len(), 5);
+        assert_eq!(history_ids(&service, u[3], group).await.unwrap().len(), 5);
     }
 
     /// A former member reads history up to their leave point (the notice of
@@ -175,20 +175,22 @@ mod tests {
     async fn former_member_history_stops_at_leave_point() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus).await;
-        let first = send(&service, 1, GROUP, "first").await.unwrap();
-        let left = append(&service, groups.remove(GROUP, 4, 4)).await.unwrap();
-        send(&service, 2, GROUP, "after").await.unwrap();
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group) = (groups.u, groups.group);
+        let first = send(&service, u[1], group, "first").await.unwrap();
+        let left = groups.remove(group, u[4], u[4]).await;
+        let left = append(&service, left).await.unwrap();
+        send(&service, u[2], group, "after").await.unwrap();
 
         assert_eq!(
-            history_ids(&service, 4, GROUP).await.unwrap(),
+            history_ids(&service, u[4], group).await.unwrap(),
             vec![left.id, first.id]
         );
         let upwards = Messages::history(
             &service,
             tonic::Request::new(HistoryRequest {
-                user_id: 4,
-                conversation_id: GROUP,
+                user_id: u[4],
+                conversation_id: group,
                 after: first.id,
                 limit: 10,
                 ..HistoryRequest::default()
@@ -199,9 +201,9 @@ mod tests {
         .into_inner();
         let ids: Vec<i64> = upwards.messages.iter().map(|m| m.id).collect();
         assert_eq!((ids, upwards.has_more), (vec![left.id], false));
-        let stranger = history_ids(&service, 9, GROUP).await.unwrap_err();
+        let stranger = history_ids(&service, u[9], group).await.unwrap_err();
         assert_eq!(stranger.code(), Code::NotFound);
-        assert_eq!(history_ids(&service, 1, GROUP).await.unwrap().len(), 3);
+        assert_eq!(history_ids(&service, u[1], group).await.unwrap().len(), 3);
     }
 
     /// AppendNotice retried with the same change returns the original notice
@@ -211,8 +213,9 @@ mod tests {
     async fn append_notice_retry_deduplicated() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus).await;
-        let change = groups.remove(GROUP, 1, 2);
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group) = (groups.u, groups.group);
+        let change = groups.remove(group, u[1], u[2]).await;
         let first = service
             .append_notice(change.clone())
             .await
@@ -221,31 +224,17 @@ mod tests {
         let retry = service.append_notice(change).await.unwrap().unwrap();
         assert!(!first.duplicate && retry.duplicate);
         assert_eq!(retry.message, first.message);
-        assert_eq!(message_ids_of(&service, 2).await, vec![first.message.id]);
-        assert_eq!(history_ids(&service, 1, GROUP).await.unwrap().len(), 1);
+        assert_eq!(message_ids_of(&service, u[2]).await, vec![first.message.id]);
+        assert_eq!(history_ids(&service, u[1], group).await.unwrap().len(), 1);
 
-        groups.add(
-            6,
-            ConversationKind::Group,
-            &[(1, Role::Owner), (2, Role::Member)],
-        );
-        let created = |id| MembershipChange {
-            conversation: groups.conversation(id),
-            notice: Some(Notice {
-                actor_id: 1,
-                kind: Some(notice::Kind::Created(Created {})),
-            }),
-            removed_user_ids: Vec::new(),
-        };
-        groups.add(
-            7,
-            ConversationKind::Group,
-            &[(1, Role::Owner), (3, Role::Member)],
-        );
-        let six = append(&service, created(6)).await.unwrap();
-        let seven = append(&service, created(7)).await.unwrap();
+        // Two new groups of the same creator: both at version 1.
+        let six = groups.create(u[1], &[u[2]]).await;
+        let seven = groups.create(u[1], &[u[3]]).await;
+        let seven_id = id_of(&seven);
+        let six = append(&service, six).await.unwrap();
+        let seven = append(&service, seven).await.unwrap();
         assert_ne!(six.id, seven.id);
-        assert_eq!(seven.conversation_id, 7);
+        assert_eq!(seven.conversation_id, seven_id);
     }
 
     /// Channels fan out on read: an admin's post is one stored message, in
@@ -256,59 +245,57 @@ mod tests {
     async fn channel_posts_fan_out_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus.clone()).await;
-        let post = send(&service, 2, CHANNEL, "post").await.unwrap();
+        let (service, groups) = open_service(&dir, bus.clone()).await;
+        let &GroupSvc { u, channel, .. } = &groups;
+        let post = send(&service, u[2], channel, "post").await.unwrap();
         {
             let events = bus.events.lock();
             assert_eq!(events.len(), 1);
-            assert_eq!(events[0].audience, Audience::Channel(CHANNEL));
+            assert_eq!(events[0].audience, Audience::Channel(channel));
             assert_eq!(events[0].event.seq, 0);
             let Some(event::Kind::ChannelPost(posted)) = &events[0].event.kind else {
                 panic!("not a channel post");
             };
             assert_eq!(posted.id, post.id);
         }
-        for user in 1..=4 {
-            assert!(
-                message_ids_of(&service, user).await.is_empty(),
-                "user {user}"
-            );
+        for n in [1, 2, 3, 4] {
+            assert!(message_ids_of(&service, u[n]).await.is_empty(), "user {n}");
         }
-        let member = send(&service, 3, CHANNEL, "nope").await.unwrap_err();
+        let member = send(&service, u[3], channel, "nope").await.unwrap_err();
         assert_eq!(
             (member.code(), member.message()),
             (Code::PermissionDenied, "only admins post in a channel")
         );
-        let stranger = send(&service, 9, CHANNEL, "nope").await.unwrap_err();
+        let stranger = send(&service, u[9], channel, "nope").await.unwrap_err();
         assert_eq!(stranger.code(), Code::NotFound);
         assert_eq!(
-            history_ids(&service, 4, CHANNEL).await.unwrap(),
+            history_ids(&service, u[4], channel).await.unwrap(),
             vec![post.id]
         );
         assert_eq!(
-            history_ids(&service, 9, CHANNEL).await.unwrap_err().code(),
+            history_ids(&service, u[9], channel)
+                .await
+                .unwrap_err()
+                .code(),
             Code::NotFound
         );
 
         // Cache the subscriber's role, then leave: the notice drops it.
-        assert_eq!(history_ids(&service, 4, CHANNEL).await.unwrap().len(), 1);
-        assert!(
-            append(&service, groups.remove(CHANNEL, 4, 4))
-                .await
-                .is_none()
-        );
-        let later = send(&service, 1, CHANNEL, "later").await.unwrap();
+        assert_eq!(history_ids(&service, u[4], channel).await.unwrap().len(), 1);
+        let left = groups.remove(channel, u[4], u[4]).await;
+        assert!(append(&service, left).await.is_none());
+        let later = send(&service, u[1], channel, "later").await.unwrap();
         assert_eq!(
-            history_ids(&service, 4, CHANNEL).await.unwrap(),
+            history_ids(&service, u[4], channel).await.unwrap(),
             vec![post.id]
         );
         assert_eq!(
-            history_ids(&service, 3, CHANNEL).await.unwrap(),
+            history_ids(&service, u[3], channel).await.unwrap(),
             vec![later.id, post.id]
         );
         assert_eq!(bus.events.lock().len(), 2, "the leave published nothing");
         assert_eq!(
-            history_ids(&service, 1, CHANNEL).await.unwrap().len(),
+            history_ids(&service, u[1], channel).await.unwrap().len(),
             2,
             "no notice message in a channel"
         );

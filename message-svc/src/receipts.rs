@@ -181,10 +181,7 @@ mod tests {
     use tonic::{Code, Request};
 
     use super::*;
-    use crate::testing::{
-        CHANNEL, GROUP, RecordingBus, append, events_of, open_service, open_service_with_groups,
-        send,
-    };
+    use crate::testing::{RecordingBus, append, events_of, open_service, send};
 
     async fn mark(
         service: &MessageService,
@@ -242,40 +239,41 @@ mod tests {
     async fn watermarks_move_forward_and_notify_senders() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        let m1 = send(&service, 1, GROUP, "m1").await.unwrap().id;
-        let m2 = send(&service, 2, GROUP, "m2").await.unwrap().id;
-        let m3 = send(&service, 1, GROUP, "m3").await.unwrap().id;
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group) = (groups.u, groups.group);
+        let m1 = send(&service, u[1], group, "m1").await.unwrap().id;
+        let m2 = send(&service, u[2], group, "m2").await.unwrap().id;
+        let m3 = send(&service, u[1], group, "m3").await.unwrap().id;
 
-        let delivered = mark(&service, 3, GROUP, m1, 0).await.unwrap();
-        assert_eq!(delivered, (m1, state(GROUP, 0, 3)));
-        let read = mark(&service, 3, GROUP, 0, m2).await.unwrap();
-        assert_eq!(read, (m2, state(GROUP, m2, 1)), "read implies delivered");
-        let back = mark(&service, 3, GROUP, m1, m1).await.unwrap();
-        assert_eq!(back, (m2, state(GROUP, m2, 1)), "never back");
-        let beyond = mark(&service, 3, GROUP, 0, i64::MAX).await.unwrap();
-        assert_eq!(beyond, (m3, state(GROUP, m3, 0)), "clamped to the newest");
+        let delivered = mark(&service, u[3], group, m1, 0).await.unwrap();
+        assert_eq!(delivered, (m1, state(group, 0, 3)));
+        let read = mark(&service, u[3], group, 0, m2).await.unwrap();
+        assert_eq!(read, (m2, state(group, m2, 1)), "read implies delivered");
+        let back = mark(&service, u[3], group, m1, m1).await.unwrap();
+        assert_eq!(back, (m2, state(group, m2, 1)), "never back");
+        let beyond = mark(&service, u[3], group, 0, i64::MAX).await.unwrap();
+        assert_eq!(beyond, (m3, state(group, m3, 0)), "clamped to the newest");
 
         let receipt = |delivered_up_to, read_up_to| Receipt {
-            conversation_id: GROUP,
-            user_id: 3,
+            conversation_id: group,
+            user_id: u[3],
             delivered_up_to,
             read_up_to,
         };
         assert_eq!(
-            receipts_of(&service, 1).await,
+            receipts_of(&service, u[1]).await,
             vec![receipt(m1, 0), receipt(m2, m2), receipt(m3, m3)]
         );
-        assert_eq!(receipts_of(&service, 2).await, vec![receipt(m2, m2)]);
-        assert!(receipts_of(&service, 3).await.is_empty());
-        assert!(receipts_of(&service, 4).await.is_empty());
+        assert_eq!(receipts_of(&service, u[2]).await, vec![receipt(m2, m2)]);
+        assert!(receipts_of(&service, u[3]).await.is_empty());
+        assert!(receipts_of(&service, u[4]).await.is_empty());
         assert_eq!(
-            read_states_of(&service, 3).await,
-            vec![state(GROUP, m2, 1), state(GROUP, m3, 0)]
+            read_states_of(&service, u[3]).await,
+            vec![state(group, m2, 1), state(group, m3, 0)]
         );
-        assert!(read_states_of(&service, 1).await.is_empty());
+        assert!(read_states_of(&service, u[1]).await.is_empty());
 
-        let stranger = mark(&service, 9, GROUP, m1, m1).await.unwrap_err();
+        let stranger = mark(&service, u[9], group, m1, m1).await.unwrap_err();
         assert_eq!(stranger.code(), Code::NotFound);
     }
 
@@ -287,22 +285,23 @@ mod tests {
     async fn group_aggregate_and_per_member() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let service = open_service(&dir, bus).await;
-        let m = send(&service, 1, GROUP, "m").await.unwrap().id;
-        mark(&service, 2, GROUP, m, 0).await.unwrap();
-        mark(&service, 3, GROUP, 0, m).await.unwrap();
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group) = (groups.u, groups.group);
+        let m = send(&service, u[1], group, "m").await.unwrap().id;
+        mark(&service, u[2], group, m, 0).await.unwrap();
+        mark(&service, u[3], group, 0, m).await.unwrap();
         let ask = |user_id, per_member| {
             Messages::receipts(
                 &service,
                 Request::new(ReceiptsRequest {
                     user_id,
-                    conversation_id: GROUP,
+                    conversation_id: group,
                     message_id: m,
                     per_member,
                 }),
             )
         };
-        let summary = ask(1, false).await.unwrap().into_inner();
+        let summary = ask(u[1], false).await.unwrap().into_inner();
         assert_eq!(
             (
                 summary.member_count,
@@ -312,14 +311,14 @@ mod tests {
             ),
             (3, 2, 1, 0)
         );
-        let detail = ask(4, true).await.unwrap().into_inner();
+        let detail = ask(u[4], true).await.unwrap().into_inner();
         let members: Vec<(i64, i64, i64)> = detail
             .members
             .iter()
             .map(|r| (r.user_id, r.delivered_up_to, r.read_up_to))
             .collect();
-        assert_eq!(members, vec![(2, m, 0), (3, m, m), (4, 0, 0)]);
-        assert_eq!(ask(9, false).await.unwrap_err().code(), Code::NotFound);
+        assert_eq!(members, vec![(u[2], m, 0), (u[3], m, m), (u[4], 0, 0)]);
+        assert_eq!(ask(u[9], false).await.unwrap_err().code(), Code::NotFound);
     }
 
     /// In a channel, receipts move without Receipt events (the reader still
@@ -329,16 +328,17 @@ mod tests {
     async fn channel_receipts_counted_in_sql() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus).await;
-        let post = send(&service, 2, CHANNEL, "post").await.unwrap().id;
-        mark(&service, 3, CHANNEL, 0, post).await.unwrap();
-        mark(&service, 4, CHANNEL, post, 0).await.unwrap();
-        assert!(receipts_of(&service, 2).await.is_empty());
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, channel) = (groups.u, groups.channel);
+        let post = send(&service, u[2], channel, "post").await.unwrap().id;
+        mark(&service, u[3], channel, 0, post).await.unwrap();
+        mark(&service, u[4], channel, post, 0).await.unwrap();
+        assert!(receipts_of(&service, u[2]).await.is_empty());
         assert_eq!(
-            read_states_of(&service, 3).await,
-            vec![state(CHANNEL, post, 0)]
+            read_states_of(&service, u[3]).await,
+            vec![state(channel, post, 0)]
         );
-        let ask = || service.receipts(1, CHANNEL, post, true);
+        let ask = || service.receipts(u[1], channel, post, true);
         let summary = ask().await.unwrap();
         assert_eq!(
             (
@@ -349,7 +349,7 @@ mod tests {
             (3, 2, 1)
         );
         assert_eq!(summary.members.len(), 2);
-        append(&service, groups.remove(CHANNEL, 4, 4)).await;
+        append(&service, groups.remove(channel, u[4], u[4]).await).await;
         let summary = ask().await.unwrap();
         assert_eq!(
             (
@@ -360,7 +360,7 @@ mod tests {
             (2, 1, 1)
         );
         assert_eq!(
-            mark(&service, 4, CHANNEL, post, post)
+            mark(&service, u[4], channel, post, post)
                 .await
                 .unwrap_err()
                 .code(),
@@ -375,18 +375,18 @@ mod tests {
     async fn unread_counts_exclude_own_and_notices() {
         let dir = tempfile::tempdir().unwrap();
         let (bus, _live) = RecordingBus::new();
-        let (service, groups) = open_service_with_groups(&dir, bus).await;
-        send(&service, 1, GROUP, "a").await.unwrap();
-        send(&service, 1, GROUP, "b").await.unwrap();
-        send(&service, 3, GROUP, "c").await.unwrap();
-        let notice = append(&service, groups.add_members(GROUP, 1, &[5]))
-            .await
-            .unwrap();
-        send(&service, 1, 1, "direct").await.unwrap();
+        let (service, groups) = open_service(&dir, bus).await;
+        let (u, group, direct) = (groups.u, groups.group, groups.direct);
+        send(&service, u[1], group, "a").await.unwrap();
+        send(&service, u[1], group, "b").await.unwrap();
+        send(&service, u[3], group, "c").await.unwrap();
+        let added = groups.add_members(group, u[1], &[u[5]]).await;
+        let notice = append(&service, added).await.unwrap();
+        send(&service, u[1], direct, "direct").await.unwrap();
         let counts = |user_id| {
             let request = Request::new(UnreadCountsRequest {
                 user_id,
-                conversation_ids: vec![GROUP, 1, GROUP],
+                conversation_ids: vec![group, direct, group],
             });
             let service = service.clone();
             async move {
@@ -397,15 +397,21 @@ mod tests {
                     .states
             }
         };
-        assert_eq!(counts(3).await, vec![state(1, 0, 1), state(GROUP, 0, 2)]);
-        assert_eq!(counts(2).await, vec![state(1, 0, 1), state(GROUP, 0, 3)]);
-        mark(&service, 2, GROUP, 0, notice.id).await.unwrap();
         assert_eq!(
-            counts(2).await,
-            vec![state(1, 0, 1), state(GROUP, notice.id, 0)]
+            counts(u[3]).await,
+            vec![state(direct, 0, 1), state(group, 0, 2)]
+        );
+        assert_eq!(
+            counts(u[2]).await,
+            vec![state(direct, 0, 1), state(group, 0, 3)]
+        );
+        mark(&service, u[2], group, 0, notice.id).await.unwrap();
+        assert_eq!(
+            counts(u[2]).await,
+            vec![state(direct, 0, 1), state(group, notice.id, 0)]
         );
         let too_many = Request::new(UnreadCountsRequest {
-            user_id: 2,
+            user_id: u[2],
             conversation_ids: (0..1001).collect(),
         });
         let status = Messages::unread_counts(&service, too_many)

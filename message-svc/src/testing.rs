@@ -1,274 +1,174 @@
-//! Test doubles shared by the unit tests: a fake group-svc, a recording live bus,
-//! and a service opened on a SQLite file in a temporary directory.
+//! Test doubles shared by the unit tests: the real group-svc served in process
+//! with a fixture of users and conversations, a recording live bus, and a
+//! service opened on a SQLite file in a temporary directory.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use confab_common::bus::{LiveBus, LiveEvent};
+use confab_common::channel::{GrpcChannel, in_process};
+use confab_group_svc::{GroupLimits, GroupService};
 use confab_proto::group::v1::groups_client::GroupsClient;
-use confab_proto::group::v1::groups_server::{Groups, GroupsServer};
-use confab_proto::group::v1::*;
-use confab_proto::v1::{Conversation, ConversationKind, Member, Notice, Role, User, notice};
+use confab_proto::group::v1::groups_server::GroupsServer;
+use confab_proto::group::v1::{
+    AddMembersRequest, CreateConversationRequest, EnsureUserRequest, JoinRequest, MembershipChange,
+    OpenDirectRequest, RemoveMemberRequest, SetRoleRequest,
+};
+use confab_proto::v1::{ConversationKind, Role};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use crate::{MessageConfig, MessageService};
 
-/// Conversation id whose lookup fails with UNAVAILABLE.
-pub(crate) const BROKEN_CONVERSATION: i64 = 666;
-
-/// A group conversation of the default fixture: {1, 2, 3, 4}, 1 the owner.
-pub(crate) const GROUP: i64 = 4;
-/// A channel of the default fixture: 1 owner, 2 admin, 3 and 4 subscribers.
-pub(crate) const CHANNEL: i64 = 5;
-
-/// One conversation of the fake.
+/// The real group-svc on an in-memory SQLite database, with the default
+/// fixture: users 0 to 9 and four conversations created through its RPCs.
 #[derive(Debug, Clone)]
-struct FakeConversation {
-    kind: ConversationKind,
-    version: i64,
-    /// Members and their roles, by user id.
-    members: Vec<(i64, Role)>,
+pub(crate) struct GroupSvc {
+    /// `u[n]` is the user the tests call n; ids increase with n.
+    pub(crate) u: [i64; 10],
+    /// The direct conversation of users 1 and 2.
+    pub(crate) direct: i64,
+    /// A group of users 1, 2 and 3, 1 the owner.
+    pub(crate) trio: i64,
+    /// A group of users 1 to 4, 1 the owner.
+    pub(crate) group: i64,
+    /// A channel: 1 owner, 2 admin, 3 and 4 subscribers.
+    pub(crate) channel: i64,
+    /// In process, as the message service calls it.
+    client: GroupsClient<GrpcChannel>,
+    /// group-svc's database, kept to take it down ([`GroupSvc::database_down`]).
+    pool: sqlx::SqlitePool,
 }
 
-/// A group-svc that knows a set of conversations, changed by the tests.
-#[derive(Debug, Default)]
-pub(crate) struct FakeGroups {
-    conversations: Mutex<HashMap<i64, FakeConversation>>,
-}
-
-impl FakeGroups {
-    /// Returns a fake with direct conversations of the given members.
-    pub(crate) fn new(conversations: &[(i64, &[i64])]) -> Self {
-        let fake = Self::default();
-        for &(id, members) in conversations {
-            let members: Vec<(i64, Role)> = members.iter().map(|&u| (u, Role::Member)).collect();
-            fake.add(id, ConversationKind::Direct, &members);
+impl GroupSvc {
+    /// Opens group-svc on a fresh database and creates the fixture.
+    pub(crate) async fn open() -> Self {
+        let pool = confab_common::db::open_sqlite_memory()
+            .await
+            .expect("group-svc database");
+        let service = GroupService::from_pool(pool.clone(), 1, GroupLimits::default())
+            .await
+            .expect("open group-svc");
+        let mut client = GroupsClient::new(in_process(GroupsServer::new(service)));
+        let mut u = [0; 10];
+        for (n, id) in u.iter_mut().enumerate() {
+            let username = format!("user{n}");
+            let user = client.ensure_user(EnsureUserRequest { username }).await;
+            *id = user.expect("ensure user").into_inner().id;
         }
-        fake
-    }
-
-    /// Adds a conversation at version 1.
-    pub(crate) fn add(&self, id: i64, kind: ConversationKind, members: &[(i64, Role)]) {
-        let mut members = members.to_vec();
-        members.sort_unstable_by_key(|&(user_id, _)| user_id);
-        let conversation = FakeConversation {
-            kind,
-            version: 1,
-            members,
+        let direct = OpenDirectRequest {
+            user_a: u[1],
+            user_b: u[2],
         };
-        self.conversations.lock().insert(id, conversation);
-    }
-
-    /// Returns the conversation as group-svc's `GetConversation` does.
-    pub(crate) fn conversation(&self, id: i64) -> Option<Conversation> {
-        let conversations = self.conversations.lock();
-        let fake = conversations.get(&id)?;
-        let member_ids = if fake.kind == ConversationKind::Channel {
-            Vec::new()
-        } else {
-            fake.members.iter().map(|&(user_id, _)| user_id).collect()
+        let direct = client.open_direct(direct).await.expect("open direct");
+        let mut groups = Self {
+            u,
+            direct: direct.into_inner().id,
+            trio: 0,
+            group: 0,
+            channel: 0,
+            client,
+            pool,
         };
-        Some(Conversation {
-            id,
-            kind: fake.kind.into(),
-            member_ids,
-            member_count: fake.members.len() as u32,
-            version: fake.version,
-            ..Conversation::default()
-        })
+        groups.trio = id_of(&groups.create(u[1], &[u[2], u[3]]).await);
+        groups.group = id_of(&groups.create(u[1], &[u[2], u[3], u[4]]).await);
+        groups.channel = groups.open_channel().await;
+        groups
     }
 
-    /// Commits a change like group-svc (bumps the version) and returns the
-    /// change the gateway hands to `AppendNotice`.
-    fn change(
+    /// Creates the fixture's channel and returns its id.
+    async fn open_channel(&self) -> i64 {
+        let mut client = self.client.clone();
+        let request = CreateConversationRequest {
+            kind: ConversationKind::Channel.into(),
+            creator_id: self.u[1],
+            name: "channel".into(),
+            ..CreateConversationRequest::default()
+        };
+        let created = client.create_conversation(request).await;
+        let channel = id_of(&created.expect("create channel").into_inner());
+        for user_id in [self.u[2], self.u[3], self.u[4]] {
+            let join = JoinRequest {
+                conversation_id: channel,
+                user_id,
+            };
+            client.join(join).await.expect("join channel");
+        }
+        let admin = SetRoleRequest {
+            conversation_id: channel,
+            actor_id: self.u[1],
+            user_id: self.u[2],
+            role: Role::Admin.into(),
+        };
+        client.set_role(admin).await.expect("make an admin");
+        channel
+    }
+
+    /// Returns a client, for the message service.
+    pub(crate) fn client(&self) -> GroupsClient<GrpcChannel> {
+        self.client.clone()
+    }
+
+    /// `creator_id` creates a group with `member_ids`; returns the change the
+    /// gateway hands to `AppendNotice`.
+    pub(crate) async fn create(&self, creator_id: i64, member_ids: &[i64]) -> MembershipChange {
+        let request = CreateConversationRequest {
+            kind: ConversationKind::Group.into(),
+            creator_id,
+            name: "group".into(),
+            member_ids: member_ids.to_vec(),
+            ..CreateConversationRequest::default()
+        };
+        let change = self.client.clone().create_conversation(request).await;
+        change.expect("create group").into_inner()
+    }
+
+    /// `actor_id` removes `user_id` (or leaves, when they are the same).
+    pub(crate) async fn remove(
         &self,
-        id: i64,
-        notice: Notice,
-        removed: Vec<i64>,
-        edit: impl FnOnce(&mut Vec<(i64, Role)>),
+        conversation_id: i64,
+        actor_id: i64,
+        user_id: i64,
     ) -> MembershipChange {
-        {
-            let mut conversations = self.conversations.lock();
-            let fake = conversations.get_mut(&id).expect("known conversation");
-            edit(&mut fake.members);
-            fake.members.sort_unstable_by_key(|&(user_id, _)| user_id);
-            fake.version += 1;
-        }
-        MembershipChange {
-            conversation: self.conversation(id),
-            notice: Some(notice),
-            removed_user_ids: removed,
-        }
+        let request = RemoveMemberRequest {
+            conversation_id,
+            actor_id,
+            user_id,
+        };
+        let change = self.client.clone().remove_member(request).await;
+        change.expect("remove member").into_inner()
     }
 
-    /// `actor` removes `user_id` (or leaves, when they are the same).
-    pub(crate) fn remove(&self, id: i64, actor_id: i64, user_id: i64) -> MembershipChange {
-        let kind = if actor_id == user_id {
-            notice::Kind::MemberLeft(confab_proto::v1::MemberLeft {})
-        } else {
-            notice::Kind::MemberRemoved(confab_proto::v1::MemberRemoved { user_id })
-        };
-        let notice = Notice {
+    /// `actor_id` adds `user_ids` as members.
+    pub(crate) async fn add_members(
+        &self,
+        conversation_id: i64,
+        actor_id: i64,
+        user_ids: &[i64],
+    ) -> MembershipChange {
+        let request = AddMembersRequest {
+            conversation_id,
             actor_id,
-            kind: Some(kind),
+            user_ids: user_ids.to_vec(),
         };
-        self.change(id, notice, vec![user_id], |members| {
-            members.retain(|&(member, _)| member != user_id);
-        })
+        let change = self.client.clone().add_members(request).await;
+        change.expect("add members").into_inner()
     }
 
-    /// `actor` adds `user_ids` as members.
-    pub(crate) fn add_members(&self, id: i64, actor_id: i64, user_ids: &[i64]) -> MembershipChange {
-        let notice = Notice {
-            actor_id,
-            kind: Some(notice::Kind::MembersAdded(confab_proto::v1::MembersAdded {
-                user_ids: user_ids.to_vec(),
-            })),
-        };
-        self.change(id, notice, Vec::new(), |members| {
-            members.extend(user_ids.iter().map(|&user_id| (user_id, Role::Member)));
-        })
+    /// Closes group-svc's database: every later lookup fails, as when the
+    /// database is down.
+    pub(crate) async fn database_down(&self) {
+        self.pool.close().await;
     }
 }
 
-#[tonic::async_trait]
-impl Groups for FakeGroups {
-    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn verify_password(
-        &self,
-        _: Request<VerifyPasswordRequest>,
-    ) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn ensure_user(&self, _: Request<EnsureUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_user(&self, _: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_users(
-        &self,
-        _: Request<GetUsersRequest>,
-    ) -> Result<Response<GetUsersResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn open_direct(
-        &self,
-        _: Request<OpenDirectRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_conversation(
-        &self,
-        request: Request<GetConversationRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        let id = request.into_inner().conversation_id;
-        if id == BROKEN_CONVERSATION {
-            return Err(Status::unavailable("database is down"));
-        }
-        let conversation = self
-            .conversation(id)
-            .ok_or_else(|| Status::not_found("no such conversation"))?;
-        Ok(Response::new(conversation))
-    }
-    async fn list_conversations(
-        &self,
-        _: Request<ListConversationsRequest>,
-    ) -> Result<Response<ListConversationsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn create_conversation(
-        &self,
-        _: Request<CreateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn add_members(
-        &self,
-        _: Request<AddMembersRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn remove_member(
-        &self,
-        _: Request<RemoveMemberRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn set_role(
-        &self,
-        _: Request<SetRoleRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn update_conversation(
-        &self,
-        _: Request<UpdateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_member(
-        &self,
-        request: Request<GetMemberRequest>,
-    ) -> Result<Response<Member>, Status> {
-        let request = request.into_inner();
-        let conversations = self.conversations.lock();
-        let role = conversations
-            .get(&request.conversation_id)
-            .and_then(|fake| {
-                fake.members
-                    .iter()
-                    .find(|&&(user_id, _)| user_id == request.user_id)
-            })
-            .map(|&(_, role)| role)
-            .ok_or_else(|| Status::not_found("not a member"))?;
-        Ok(Response::new(Member {
-            user_id: request.user_id,
-            role: role.into(),
-            joined_at_ms: 0,
-        }))
-    }
-    async fn list_members(
-        &self,
-        _: Request<ListMembersRequest>,
-    ) -> Result<Response<ListMembersResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn shared_with(
-        &self,
-        _: Request<SharedWithRequest>,
-    ) -> Result<Response<SharedWithResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn check_token(
-        &self,
-        _: Request<confab_proto::group::v1::CheckTokenRequest>,
-    ) -> Result<Response<confab_proto::v1::User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn revoke_tokens(
-        &self,
-        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
-    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-}
-
-/// Returns an in-process client of `fake`.
-pub(crate) fn groups_client(
-    fake: Arc<FakeGroups>,
-) -> GroupsClient<confab_common::channel::GrpcChannel> {
-    GroupsClient::new(confab_common::channel::in_process(GroupsServer::from_arc(
-        fake,
-    )))
+/// Returns the id of the conversation a change is about.
+pub(crate) fn id_of(change: &MembershipChange) -> i64 {
+    change
+        .conversation
+        .as_ref()
+        .expect("changed conversation")
+        .id
 }
 
 /// A live bus that records every published event and forwards it to a channel.
@@ -307,39 +207,25 @@ pub(crate) fn config(dir: &tempfile::TempDir) -> MessageConfig {
     }
 }
 
-/// Opens a service on `dir` with conversations 1 = {1, 2}, 2 = {1, 2, 3},
-/// [`GROUP`] and [`CHANNEL`].
+/// Opens group-svc with the default fixture, and a service on `dir` calling
+/// it.
 pub(crate) async fn open_service(
     dir: &tempfile::TempDir,
     bus: Arc<RecordingBus>,
-) -> MessageService {
-    open_service_with_groups(dir, bus).await.0
+) -> (MessageService, GroupSvc) {
+    let groups = GroupSvc::open().await;
+    (open_service_with(dir, bus, &groups).await, groups)
 }
 
-/// As [`open_service`], and returns the fake group-svc for the test to change.
-pub(crate) async fn open_service_with_groups(
+/// Opens a service on `dir` calling `groups` (again, for a restart).
+pub(crate) async fn open_service_with(
     dir: &tempfile::TempDir,
     bus: Arc<RecordingBus>,
-) -> (MessageService, Arc<FakeGroups>) {
-    let fake = Arc::new(FakeGroups::new(&[(1, &[1, 2]), (2, &[1, 2, 3])]));
-    let group = [
-        (1, Role::Owner),
-        (2, Role::Member),
-        (3, Role::Member),
-        (4, Role::Member),
-    ];
-    fake.add(GROUP, ConversationKind::Group, &group);
-    let channel = [
-        (1, Role::Owner),
-        (2, Role::Admin),
-        (3, Role::Member),
-        (4, Role::Member),
-    ];
-    fake.add(CHANNEL, ConversationKind::Channel, &channel);
-    let service = MessageService::open(config(dir), groups_client(Arc::clone(&fake)), bus)
+    groups: &GroupSvc,
+) -> MessageService {
+    MessageService::open(config(dir), groups.client(), bus)
         .await
-        .expect("open message service");
-    (service, fake)
+        .expect("open message service")
 }
 
 /// Sends `text` as `sender_id` from device "phone" and returns the stored

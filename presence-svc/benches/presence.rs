@@ -1,11 +1,14 @@
 //! Presence under load: 50,000 users with one connection each, heartbeating
 //! every 5 s (spread evenly: ~10,000 heartbeats/s) through the generated gRPC
 //! client over `in_process` (as the gateway calls it), plus a few thousand
-//! watchers querying. Not a timed test: run it with `cargo bench --bench
-//! presence` and read the report.
+//! watchers querying, whose contacts the real group-svc (SQLite, in process)
+//! answers. Not a timed test: run it with `cargo bench --bench presence` and
+//! read the report; `cargo bench --bench presence -- 5000 3` runs 5,000 users
+//! measured for 3 s.
 //!
-//! CPU is the whole process (client encoding included), so the "presence
-//! work" share is an upper bound; the idle baseline is measured first.
+//! CPU is the whole process (client encoding and group-svc's lookups
+//! included), so the "presence work" share is an upper bound; the idle
+//! baseline is measured first.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,133 +16,84 @@ use std::time::{Duration, Instant};
 
 use confab_common::bus::{LiveBus, LiveEvent};
 use confab_common::channel::{GrpcChannel, in_process};
+use confab_group_svc::{GroupLimits, GroupService};
 use confab_presence_svc::{PresenceConfig, PresenceService};
 use confab_proto::group::v1::groups_client::GroupsClient;
-use confab_proto::group::v1::groups_server::{Groups, GroupsServer};
-use confab_proto::group::v1::*;
+use confab_proto::group::v1::groups_server::GroupsServer;
+use confab_proto::group::v1::{CreateConversationRequest, EnsureUserRequest};
 use confab_proto::presence::v1::presences_client::PresencesClient;
 use confab_proto::presence::v1::presences_server::PresencesServer;
 use confab_proto::presence::v1::{HeartbeatRequest, QueryRequest};
-use confab_proto::v1::{Conversation, Member, User};
-use tonic::{Request, Response, Status};
+use confab_proto::v1::ConversationKind;
 
-const USERS: i64 = 50_000;
-const WATCHERS: i64 = 3_000;
+/// Users by default; the first argument sets another number (rounded down
+/// to a multiple of [`DRIVERS`]).
+const USERS: usize = 50_000;
+/// Watchers per user: 3,000 of 50,000.
+const WATCHER_SHARE: f64 = 0.06;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-const DRIVERS: i64 = 100;
+const DRIVERS: usize = 100;
 const WARM_UP: Duration = Duration::from_secs(6);
+/// Measured seconds by default; the second argument sets another duration.
 const MEASURE: Duration = Duration::from_secs(20);
+/// Users of one group: each group overlaps the next by half, so that every
+/// user shares a group with at least the 10 users on either side.
+const GROUP_SIZE: usize = 20;
 
-/// A group-svc where user u shares a conversation with u ± 1..=10.
-#[derive(Debug)]
-struct FakeGroups;
+/// Returns (users, measured duration) from the command line: `cargo bench
+/// --bench presence -- [USERS] [SECONDS]`. Cargo adds `--bench`, ignored.
+fn arguments() -> (usize, Duration) {
+    let mut numbers = std::env::args()
+        .skip(1)
+        .filter(|argument| !argument.starts_with("--"))
+        .map(|argument| {
+            argument
+                .parse::<u64>()
+                .expect("arguments: [USERS] [SECONDS]")
+        });
+    let users = numbers.next().map_or(USERS, |users| users as usize);
+    let measure = numbers.next().map_or(MEASURE, Duration::from_secs);
+    let users = users / DRIVERS * DRIVERS;
+    assert!(users > 0, "at least {DRIVERS} users");
+    (users, measure)
+}
 
-#[tonic::async_trait]
-impl Groups for FakeGroups {
-    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("bench"))
+/// Opens the real group-svc on an in-memory SQLite database (a file would
+/// spend the set-up on 50,000 commits) and creates `count` users in groups of
+/// [`GROUP_SIZE`] consecutive users, overlapping by half; returns a client and
+/// the user ids, in order.
+async fn group_svc(count: usize) -> (GroupsClient<GrpcChannel>, Vec<i64>) {
+    let pool = confab_common::db::open_sqlite_memory()
+        .await
+        .expect("group-svc database");
+    let service = GroupService::from_pool(pool, 1, GroupLimits::default())
+        .await
+        .expect("open group-svc");
+    let mut groups = GroupsClient::new(in_process(GroupsServer::new(service)));
+    let mut users = Vec::with_capacity(count);
+    for n in 0..count {
+        let request = EnsureUserRequest {
+            username: format!("user{n}"),
+        };
+        let user = groups.ensure_user(request).await.expect("ensure user");
+        users.push(user.into_inner().id);
     }
-    async fn verify_password(
-        &self,
-        _: Request<VerifyPasswordRequest>,
-    ) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("bench"))
+    let half = GROUP_SIZE / 2;
+    for first in (0..count.saturating_sub(half)).step_by(half) {
+        let members = &users[first..(first + GROUP_SIZE).min(count)];
+        let request = CreateConversationRequest {
+            kind: ConversationKind::Group.into(),
+            creator_id: members[0],
+            name: format!("group {first}"),
+            member_ids: members.to_vec(),
+            ..CreateConversationRequest::default()
+        };
+        groups
+            .create_conversation(request)
+            .await
+            .expect("create group");
     }
-    async fn ensure_user(&self, _: Request<EnsureUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn get_user(&self, _: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn get_users(
-        &self,
-        _: Request<GetUsersRequest>,
-    ) -> Result<Response<GetUsersResponse>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn open_direct(
-        &self,
-        _: Request<OpenDirectRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn get_conversation(
-        &self,
-        _: Request<GetConversationRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn list_conversations(
-        &self,
-        _: Request<ListConversationsRequest>,
-    ) -> Result<Response<ListConversationsResponse>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn create_conversation(
-        &self,
-        _: Request<CreateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn add_members(
-        &self,
-        _: Request<AddMembersRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn remove_member(
-        &self,
-        _: Request<RemoveMemberRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn set_role(
-        &self,
-        _: Request<SetRoleRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn update_conversation(
-        &self,
-        _: Request<UpdateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn get_member(&self, _: Request<GetMemberRequest>) -> Result<Response<Member>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn list_members(
-        &self,
-        _: Request<ListMembersRequest>,
-    ) -> Result<Response<ListMembersResponse>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn shared_with(
-        &self,
-        request: Request<SharedWithRequest>,
-    ) -> Result<Response<SharedWithResponse>, Status> {
-        let SharedWithRequest { user_id, other_ids } = request.into_inner();
-        let user_ids = other_ids
-            .into_iter()
-            .filter(|&other| other != user_id && (other - user_id).abs() <= 10)
-            .collect();
-        Ok(Response::new(SharedWithResponse { user_ids }))
-    }
-    async fn check_token(
-        &self,
-        _: Request<confab_proto::group::v1::CheckTokenRequest>,
-    ) -> Result<Response<confab_proto::v1::User>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
-    async fn revoke_tokens(
-        &self,
-        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
-    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
-        Err(Status::unimplemented("bench"))
-    }
+    (groups, users)
 }
 
 /// Counts published events, as the gateway's hub would receive them.
@@ -191,9 +145,16 @@ fn share(cpu: Duration, wall: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    let (user_count, measure) = arguments();
+    let watcher_count = (user_count as f64 * WATCHER_SHARE) as usize;
     let dir = tempfile::tempdir().expect("temporary directory");
-    let groups: GroupsClient<GrpcChannel> =
-        GroupsClient::new(in_process(GroupsServer::new(FakeGroups)));
+    let set_up = Instant::now();
+    let (groups, users) = group_svc(user_count).await;
+    let users: Arc<[i64]> = users.into();
+    println!(
+        "group-svc: {user_count} users in groups of {GROUP_SIZE} set up in {:.1} s",
+        set_up.elapsed().as_secs_f64()
+    );
     let bus = Arc::new(CountingBus::default());
     let config = PresenceConfig {
         db_path: dir.path().join("presence.db"),
@@ -213,24 +174,25 @@ async fn main() {
     let heartbeats = Arc::new(AtomicU64::new(0));
     let queries = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    // Each driver owns USERS / DRIVERS users and heartbeats one of them per
+    // Each driver owns users / DRIVERS users and heartbeats one of them per
     // tick, so that every user heartbeats every 5 s, spread evenly.
-    let per_driver = USERS / DRIVERS;
+    let per_driver = user_count / DRIVERS;
     let tick = HEARTBEAT_EVERY / per_driver as u32;
     for driver in 0..DRIVERS {
         let client = client.clone();
         let heartbeats = Arc::clone(&heartbeats);
+        let users = Arc::clone(&users);
         tokio::spawn(async move {
             let offset = tick * driver as u32 / DRIVERS as u32;
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, tick);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            for round in 0_i64.. {
+            for round in 0_usize.. {
                 ticks.tick().await;
-                let user_id = 1 + driver * per_driver + round % per_driver;
+                let index = driver * per_driver + round % per_driver;
                 let request = HeartbeatRequest {
-                    user_id,
+                    user_id: users[index],
                     device_id: "phone".into(),
-                    connection_id: user_id as u64,
+                    connection_id: index as u64,
                     node: "bench".into(),
                 };
                 if client.clone().heartbeat(request).await.is_ok() {
@@ -240,21 +202,21 @@ async fn main() {
         });
     }
     // Watchers open a chat screen every 10 s on average: 20 users each.
-    for watcher in 0..WATCHERS {
+    for watcher in 0..watcher_count {
         let client = client.clone();
         let queries = Arc::clone(&queries);
+        let users = Arc::clone(&users);
         tokio::spawn(async move {
             let period = Duration::from_secs(10);
-            let offset = period * watcher as u32 / WATCHERS as u32;
+            let offset = period * watcher as u32 / watcher_count as u32;
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-            let watcher_id = 1 + watcher * (USERS / WATCHERS);
+            let index = watcher * (user_count / watcher_count);
+            let nearby = index.saturating_sub(10)..(index + 10).min(user_count);
             loop {
                 ticks.tick().await;
                 let request = QueryRequest {
-                    watcher_id,
-                    user_ids: (watcher_id - 10..watcher_id + 10)
-                        .filter(|&id| id > 0)
-                        .collect(),
+                    watcher_id: users[index],
+                    user_ids: users[nearby.clone()].to_vec(),
                 };
                 if client.clone().query(request).await.is_ok() {
                     queries.fetch_add(1, Ordering::Relaxed);
@@ -273,7 +235,7 @@ async fn main() {
         service.store_writes(),
         bus.events.load(Ordering::Relaxed),
     );
-    tokio::time::sleep(MEASURE).await;
+    tokio::time::sleep(measure).await;
     let wall = wall1.elapsed();
     let cpu = cpu_time() - cpu1;
     let seconds = wall.as_secs_f64();
@@ -284,7 +246,9 @@ async fn main() {
     let rss_after = rss_bytes();
     let busy = share(cpu, wall);
 
-    println!("presence benchmark: {USERS} users, {WATCHERS} watchers, heartbeat every 5 s");
+    println!(
+        "presence benchmark: {user_count} users, {watcher_count} watchers, heartbeat every 5 s"
+    );
     println!(
         "  warm-up {:?} (online after it: {online}), measured {:.1} s",
         WARM_UP, seconds
@@ -309,7 +273,7 @@ async fn main() {
     );
     println!(
         "  memory per user       {:>10.0} bytes (RSS growth / users)",
-        rss_after.saturating_sub(rss_before) as f64 / USERS as f64
+        rss_after.saturating_sub(rss_before) as f64 / user_count as f64
     );
     println!(
         "  total run             {:>10.1} s",

@@ -58,6 +58,18 @@ impl From<PresenceError> for tonic::Status {
                 tracing::warn!(code = ?status.code(), message = status.message(), "group-svc unavailable");
                 error.code().status(error.to_string())
             }
+            PresenceError::RateLimited { retry_after } => {
+                // The gateway tells a rate limit from a size limit by this
+                // hint, as for its own limits.
+                let mut status = error.code().status(error.to_string());
+                let millis = u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                if let Ok(value) = millis.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", value);
+                }
+                status
+            }
             _ => error.code().status(error.to_string()),
         }
     }

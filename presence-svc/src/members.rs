@@ -102,6 +102,28 @@ impl MemberCache {
         Ok(members)
     }
 
+    /// Returns whether `user_id` belongs to `conversation_id`, asking group-svc
+    /// (for channels, whose member list is not loaded).
+    ///
+    /// # Errors
+    ///
+    /// [`PresenceError::GroupsUnavailable`] when group-svc cannot answer.
+    pub(crate) async fn is_member(
+        &self,
+        conversation_id: i64,
+        user_id: i64,
+    ) -> Result<bool, PresenceError> {
+        let request = confab_proto::group::v1::GetMemberRequest {
+            conversation_id,
+            user_id,
+        };
+        match self.groups.clone().get_member(request).await {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(PresenceError::GroupsUnavailable(status)),
+        }
+    }
+
     /// Drops the lists older than [`TTL`], so that the cache holds only the
     /// conversations typed in lately.
     pub(crate) fn trim(&self, now: Instant) {

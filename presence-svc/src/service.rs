@@ -256,6 +256,16 @@ impl PresenceService {
         }
         let members = self.inner.members.get(conversation_id).await?;
         if members.is_channel {
+            // Only a subscriber learns that typing has no place here; anyone
+            // else gets the answer of a conversation that does not exist.
+            if !self
+                .inner
+                .members
+                .is_member(conversation_id, user_id)
+                .await?
+            {
+                return Err(PresenceError::ConversationNotFound);
+            }
             return Err(PresenceError::InvalidArgument("no typing in channels"));
         }
         if !members.contains(user_id) {

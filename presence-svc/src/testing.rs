@@ -1,203 +1,182 @@
-//! Test doubles shared by the unit tests: a fake group-svc, a recording live
-//! bus, and services opened on the in-memory, the SQLite or the NATS KV store.
+//! Test doubles shared by the unit tests: the real group-svc with a fixture of
+//! users and conversations, a recording live bus, and services opened on the
+//! in-memory, the SQLite or the NATS KV store.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use confab_common::bus::{Audience, LiveBus, LiveEvent};
+use confab_common::channel::{GrpcChannel, in_process};
+use confab_group_svc::{GroupLimits, GroupService};
 use confab_proto::group::v1::groups_client::GroupsClient;
-use confab_proto::group::v1::groups_server::{Groups, GroupsServer};
-use confab_proto::group::v1::*;
+use confab_proto::group::v1::groups_server::GroupsServer;
+use confab_proto::group::v1::{
+    CreateConversationRequest, EnsureUserRequest, JoinRequest, OpenDirectRequest,
+};
 use confab_proto::v1::event::Kind;
-use confab_proto::v1::{Conversation, ConversationKind, Member, Presence, TypingState, User};
+use confab_proto::v1::{ConversationKind, Presence, TypingState};
 use parking_lot::Mutex;
-use tonic::{Request, Response, Status};
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
 
 use crate::store::memory::MemoryStore;
 use crate::{PresenceConfig, PresenceService};
 
-/// A direct conversation of the default fixture: {1, 2}.
-pub(crate) const DIRECT: i64 = 10;
-/// A group of the default fixture: {1, 3, 4}.
-pub(crate) const GROUP: i64 = 11;
-/// A channel of the default fixture: {1, 2, 5}; sharing a channel is not
-/// sharing a conversation.
-pub(crate) const CHANNEL: i64 = 12;
-/// User 9 shares nothing with anyone.
-pub(crate) const STRANGER: i64 = 9;
+/// The index in [`GroupSvc::u`] of the user who shares nothing with anyone.
+pub(crate) const STRANGER: usize = 9;
 
-/// A group-svc that knows a few conversations.
-#[derive(Debug, Default)]
-pub(crate) struct FakeGroups {
-    /// Kind and sorted members by conversation id.
-    conversations: Mutex<HashMap<i64, (ConversationKind, Vec<i64>)>>,
-    /// `GetConversation` calls answered, to check the cache.
-    pub(crate) conversation_calls: AtomicUsize,
-    /// `SharedWith` calls answered.
-    pub(crate) shared_with_calls: AtomicUsize,
+/// Runs group-svc for every test, on a clock that is never paused.
+static GROUP_RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("group-svc runtime")
+});
+
+/// Runs `work` on [`GROUP_RUNTIME`], waiting for it in a blocking task: tokio
+/// does not auto-advance a paused clock while a blocking task runs, so a test's
+/// clock stands still while SQLite works on a thread of its own.
+async fn on_group_runtime<F>(work: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || GROUP_RUNTIME.block_on(work))
+        .await
+        .expect("group-svc task")
 }
 
-impl FakeGroups {
-    /// Returns the default fixture: [`DIRECT`], [`GROUP`], [`CHANNEL`].
-    pub(crate) fn fixture() -> Self {
-        let fake = Self::default();
-        fake.add(DIRECT, ConversationKind::Direct, &[1, 2]);
-        fake.add(GROUP, ConversationKind::Group, &[1, 3, 4]);
-        fake.add(CHANNEL, ConversationKind::Channel, &[1, 2, 5]);
-        fake
-    }
-
-    /// Adds (or replaces) a conversation.
-    pub(crate) fn add(&self, id: i64, kind: ConversationKind, members: &[i64]) {
-        let mut members = members.to_vec();
-        members.sort_unstable();
-        self.conversations.lock().insert(id, (kind, members));
-    }
+/// group-svc as the service under test reaches it: every call crosses to
+/// [`GROUP_RUNTIME`], and is counted.
+#[derive(Debug, Clone)]
+struct Bridge {
+    server: GroupsServer<GroupService>,
+    /// Calls by method name ("GetConversation"), to check the caches.
+    calls: Arc<Mutex<HashMap<String, usize>>>,
 }
 
-#[tonic::async_trait]
-impl Groups for FakeGroups {
-    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
+impl Service<http::Request<Body>> for Bridge {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
-    async fn verify_password(
-        &self,
-        _: Request<VerifyPasswordRequest>,
-    ) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn ensure_user(&self, _: Request<EnsureUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_user(&self, _: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_users(
-        &self,
-        _: Request<GetUsersRequest>,
-    ) -> Result<Response<GetUsersResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn open_direct(
-        &self,
-        _: Request<OpenDirectRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_conversation(
-        &self,
-        request: Request<GetConversationRequest>,
-    ) -> Result<Response<Conversation>, Status> {
-        self.conversation_calls.fetch_add(1, Ordering::Relaxed);
-        let id = request.into_inner().conversation_id;
-        let conversations = self.conversations.lock();
-        let (kind, members) = conversations
-            .get(&id)
-            .ok_or_else(|| Status::not_found("no such conversation"))?;
-        let member_ids = if *kind == ConversationKind::Channel {
-            Vec::new()
-        } else {
-            members.clone()
-        };
-        Ok(Response::new(Conversation {
-            id,
-            kind: (*kind).into(),
-            member_ids,
-            member_count: members.len() as u32,
-            version: 1,
-            ..Conversation::default()
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        *self.calls.lock().entry(method.to_owned()).or_default() += 1;
+        let mut server = self.server.clone();
+        Box::pin(on_group_runtime(async move {
+            std::future::poll_fn(|cx| Service::<http::Request<Body>>::poll_ready(&mut server, cx))
+                .await?;
+            server.call(request).await
         }))
     }
-    async fn list_conversations(
-        &self,
-        _: Request<ListConversationsRequest>,
-    ) -> Result<Response<ListConversationsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn create_conversation(
-        &self,
-        _: Request<CreateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn add_members(
-        &self,
-        _: Request<AddMembersRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn remove_member(
-        &self,
-        _: Request<RemoveMemberRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn set_role(
-        &self,
-        _: Request<SetRoleRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn update_conversation(
-        &self,
-        _: Request<UpdateConversationRequest>,
-    ) -> Result<Response<MembershipChange>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_member(&self, _: Request<GetMemberRequest>) -> Result<Response<Member>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn list_members(
-        &self,
-        _: Request<ListMembersRequest>,
-    ) -> Result<Response<ListMembersResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn shared_with(
-        &self,
-        request: Request<SharedWithRequest>,
-    ) -> Result<Response<SharedWithResponse>, Status> {
-        self.shared_with_calls.fetch_add(1, Ordering::Relaxed);
-        let SharedWithRequest { user_id, other_ids } = request.into_inner();
-        let conversations = self.conversations.lock();
-        let user_ids = other_ids
-            .into_iter()
-            .filter(|other| {
-                conversations.values().any(|(kind, members)| {
-                    *kind != ConversationKind::Channel
-                        && members.contains(&user_id)
-                        && members.contains(other)
-                })
-            })
-            .collect();
-        Ok(Response::new(SharedWithResponse { user_ids }))
-    }
-    async fn check_token(
-        &self,
-        _: Request<confab_proto::group::v1::CheckTokenRequest>,
-    ) -> Result<Response<confab_proto::v1::User>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn revoke_tokens(
-        &self,
-        _: Request<confab_proto::group::v1::RevokeTokensRequest>,
-    ) -> Result<Response<confab_proto::group::v1::RevokeTokensResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
 }
 
-/// Returns an in-process client of `fake`.
-pub(crate) fn groups_client(
-    fake: Arc<FakeGroups>,
-) -> GroupsClient<confab_common::channel::GrpcChannel> {
-    GroupsClient::new(confab_common::channel::in_process(GroupsServer::from_arc(
-        fake,
-    )))
+/// The real group-svc on an in-memory SQLite database, with the default
+/// fixture: users 0 to 9, of whom [`STRANGER`] shares nothing with anyone, and
+/// three conversations. Clones share the database and the call counts.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupSvc {
+    /// `u[n]` is the user the tests call n; ids increase with n.
+    pub(crate) u: [i64; 10],
+    /// The direct conversation of users 1 and 2.
+    pub(crate) direct: i64,
+    /// A group of users 1, 3 and 4.
+    pub(crate) group: i64,
+    /// A channel of users 1, 2 and 5: sharing a channel is not sharing a
+    /// conversation.
+    pub(crate) channel: i64,
+    /// Through the [`Bridge`], as the service under test calls it.
+    client: GroupsClient<GrpcChannel>,
+    /// The bridge's counts, cleared once the fixture was made.
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl GroupSvc {
+    /// Opens group-svc on a fresh database and creates the fixture.
+    pub(crate) async fn open() -> Self {
+        let server = on_group_runtime(async {
+            let pool = confab_common::db::open_sqlite_memory()
+                .await
+                .expect("group-svc database");
+            let service = GroupService::from_pool(pool, 1, GroupLimits::default())
+                .await
+                .expect("open group-svc");
+            GroupsServer::new(service)
+        })
+        .await;
+        let calls = Arc::default();
+        let bridge = Bridge {
+            server,
+            calls: Arc::clone(&calls),
+        };
+        let mut client = GroupsClient::new(in_process(bridge));
+        let mut u = [0; 10];
+        for (n, id) in u.iter_mut().enumerate() {
+            let username = format!("user{n}");
+            let user = client.ensure_user(EnsureUserRequest { username }).await;
+            *id = user.expect("ensure user").into_inner().id;
+        }
+        let direct = OpenDirectRequest {
+            user_a: u[1],
+            user_b: u[2],
+        };
+        let direct = client.open_direct(direct).await.expect("open direct");
+        let create = |kind: ConversationKind, member_ids: Vec<i64>| {
+            let request = CreateConversationRequest {
+                kind: kind.into(),
+                creator_id: u[1],
+                name: "fixture".into(),
+                member_ids,
+                ..CreateConversationRequest::default()
+            };
+            let mut client = client.clone();
+            async move {
+                let change = client.create_conversation(request).await;
+                let change = change.expect("create conversation").into_inner();
+                change.conversation.expect("created conversation").id
+            }
+        };
+        let group = create(ConversationKind::Group, vec![u[3], u[4]]).await;
+        let channel = create(ConversationKind::Channel, Vec::new()).await;
+        for user_id in [u[2], u[5]] {
+            let join = JoinRequest {
+                conversation_id: channel,
+                user_id,
+            };
+            client.join(join).await.expect("join channel");
+        }
+        calls.lock().clear();
+        Self {
+            u,
+            direct: direct.into_inner().id,
+            group,
+            channel,
+            client,
+            calls,
+        }
+    }
+
+    /// Returns a client, for a service under test.
+    pub(crate) fn client(&self) -> GroupsClient<GrpcChannel> {
+        self.client.clone()
+    }
+
+    /// Returns how many `method` calls ("SharedWith") group-svc answered since
+    /// the fixture was made.
+    pub(crate) fn calls(&self, method: &str) -> usize {
+        self.calls.lock().get(method).copied().unwrap_or(0)
+    }
 }
 
 /// A live bus that records every published event.
@@ -278,16 +257,17 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(15);
 pub(crate) struct Fixture {
     pub(crate) service: PresenceService,
     pub(crate) bus: Arc<RecordingBus>,
-    pub(crate) groups: Arc<FakeGroups>,
+    pub(crate) groups: GroupSvc,
 }
 
-/// Opens a service on the in-memory store (for tests with a paused clock).
-pub(crate) fn in_memory() -> Fixture {
+/// Opens group-svc, and a service on the in-memory store calling it (for
+/// tests with a paused clock).
+pub(crate) async fn in_memory() -> Fixture {
+    let groups = GroupSvc::open().await;
     let bus = Arc::new(RecordingBus::default());
-    let groups = Arc::new(FakeGroups::fixture());
     let service = PresenceService::with_store(
         config(std::path::Path::new(".")),
-        groups_client(Arc::clone(&groups)),
+        groups.client(),
         Arc::clone(&bus) as Arc<dyn LiveBus>,
         Arc::new(MemoryStore::default()),
     );
@@ -298,13 +278,12 @@ pub(crate) fn in_memory() -> Fixture {
     }
 }
 
-/// Opens a service on the SQLite file in `dir`.
-pub(crate) async fn on_sqlite(dir: &std::path::Path) -> Fixture {
+/// Opens a service on the SQLite file in `dir`, calling `groups`.
+pub(crate) async fn on_sqlite(dir: &std::path::Path, groups: &GroupSvc) -> Fixture {
     let bus = Arc::new(RecordingBus::default());
-    let groups = Arc::new(FakeGroups::fixture());
     let service = PresenceService::open(
         config(dir),
-        groups_client(Arc::clone(&groups)),
+        groups.client(),
         Arc::clone(&bus) as Arc<dyn LiveBus>,
     )
     .await
@@ -312,15 +291,14 @@ pub(crate) async fn on_sqlite(dir: &std::path::Path) -> Fixture {
     Fixture {
         service,
         bus,
-        groups,
+        groups: groups.clone(),
     }
 }
 
 /// Opens a service on the NATS KV buckets of the server at `nats_url`, with
-/// a window of `window`.
-pub(crate) async fn on_nats(nats_url: &str, window: Duration) -> Fixture {
+/// a window of `window`, calling `groups`.
+pub(crate) async fn on_nats(nats_url: &str, window: Duration, groups: &GroupSvc) -> Fixture {
     let bus = Arc::new(RecordingBus::default());
-    let groups = Arc::new(FakeGroups::fixture());
     let client = async_nats::connect(nats_url)
         .await
         .expect("connect to nats");
@@ -331,7 +309,7 @@ pub(crate) async fn on_nats(nats_url: &str, window: Duration) -> Fixture {
     let service = PresenceService::open_nats(
         config,
         async_nats::jetstream::new(client),
-        groups_client(Arc::clone(&groups)),
+        groups.client(),
         Arc::clone(&bus) as Arc<dyn LiveBus>,
     )
     .await
@@ -339,7 +317,7 @@ pub(crate) async fn on_nats(nats_url: &str, window: Duration) -> Fixture {
     Fixture {
         service,
         bus,
-        groups,
+        groups: groups.clone(),
     }
 }
 

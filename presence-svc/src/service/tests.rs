@@ -1,7 +1,6 @@
-//! Behaviour of the service through the generated `Presences` trait, with a
-//! fake group-svc and a recording bus; paused clocks where timers matter.
+//! Behaviour of the service through the generated `Presences` trait, with the
+//! real group-svc and a recording bus; paused clocks where timers matter.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use confab_proto::presence::v1::presences_server::Presences;
@@ -13,9 +12,7 @@ use confab_proto::v1::{LastSeenVisibility, Presence};
 use tonic::{Code, Request, Status};
 
 use crate::PresenceService;
-use crate::testing::{
-    CHANNEL, DIRECT, Fixture, GROUP, STRANGER, WINDOW, advance, in_memory, on_sqlite, settle,
-};
+use crate::testing::{Fixture, GroupSvc, STRANGER, WINDOW, advance, in_memory, on_sqlite, settle};
 
 async fn heartbeat(service: &PresenceService, user_id: i64, connection_id: u64) {
     try_heartbeat(service, user_id, connection_id)
@@ -124,27 +121,32 @@ async fn get_privacy(service: &PresenceService, user_id: i64) -> LastSeenVisibil
 /// the last disconnects, with last seen = the last heartbeat of any device.
 #[tokio::test(start_paused = true)]
 async fn online_until_last_device_leaves() {
-    let Fixture { service, bus, .. } = in_memory();
-    heartbeat(&service, 2, 1).await;
-    let first = own_last_seen(&service, 2).await;
-    assert_eq!(bus.take_presence(), vec![(2, true, first)]);
+    let Fixture {
+        service,
+        bus,
+        groups,
+    } = in_memory().await;
+    let u = groups.u;
+    heartbeat(&service, u[2], 1).await;
+    let first = own_last_seen(&service, u[2]).await;
+    assert_eq!(bus.take_presence(), vec![(u[2], true, first)]);
     advance(Duration::from_secs(3)).await;
-    heartbeat(&service, 2, 2).await;
-    heartbeat(&service, 2, 1).await;
+    heartbeat(&service, u[2], 2).await;
+    heartbeat(&service, u[2], 1).await;
     assert_eq!(bus.take_presence(), vec![], "already online");
     assert_eq!(
-        presences(&service, 1, &[2]).await,
-        vec![(2, true, first + 3_000)]
+        presences(&service, u[1], &[u[2]]).await,
+        vec![(u[2], true, first + 3_000)]
     );
-    disconnect(&service, 2, 1).await;
-    disconnect(&service, 2, 1).await;
+    disconnect(&service, u[2], 1).await;
+    disconnect(&service, u[2], 1).await;
     assert_eq!(bus.take_presence(), vec![], "the laptop is still there");
     advance(Duration::from_secs(2)).await;
-    disconnect(&service, 2, 2).await;
-    assert_eq!(bus.take_presence(), vec![(2, false, first + 3_000)]);
+    disconnect(&service, u[2], 2).await;
+    assert_eq!(bus.take_presence(), vec![(u[2], false, first + 3_000)]);
     assert_eq!(
-        presences(&service, 1, &[2]).await,
-        vec![(2, false, first + 3_000)]
+        presences(&service, u[1], &[u[2]]).await,
+        vec![(u[2], false, first + 3_000)]
     );
     assert_eq!(service.online_users(), 0);
 }
@@ -154,20 +156,28 @@ async fn online_until_last_device_leaves() {
 /// heartbeating stays.
 #[tokio::test(start_paused = true)]
 async fn silent_connection_expires() {
-    let Fixture { service, bus, .. } = in_memory();
-    heartbeat(&service, 2, 1).await;
-    heartbeat(&service, 3, 2).await;
-    let seen = own_last_seen(&service, 2).await;
+    let Fixture {
+        service,
+        bus,
+        groups,
+    } = in_memory().await;
+    let u = groups.u;
+    heartbeat(&service, u[2], 1).await;
+    heartbeat(&service, u[3], 2).await;
+    let seen = own_last_seen(&service, u[2]).await;
     bus.take_presence();
     for step in [5_000, 5_000, 4_900] {
         advance(Duration::from_millis(step)).await;
-        heartbeat(&service, 3, 2).await;
+        heartbeat(&service, u[3], 2).await;
         assert_eq!(bus.take_presence(), vec![], "within the window");
     }
     // One sweep period (1.2 s) past the window at most.
     advance(Duration::from_millis(1_300)).await;
-    assert_eq!(bus.take_presence(), vec![(2, false, seen)]);
-    assert_eq!(presences(&service, 1, &[2]).await, vec![(2, false, seen)]);
+    assert_eq!(bus.take_presence(), vec![(u[2], false, seen)]);
+    assert_eq!(
+        presences(&service, u[1], &[u[2]]).await,
+        vec![(u[2], false, seen)]
+    );
     assert_eq!(service.online_users(), 1, "user 3 heartbeats");
 }
 
@@ -177,31 +187,39 @@ async fn silent_connection_expires() {
 #[tokio::test]
 async fn last_seen_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let Fixture { service, bus, .. } = on_sqlite(dir.path()).await;
-    heartbeat(&service, 2, 1).await;
-    heartbeat(&service, 3, 2).await;
-    disconnect(&service, 2, 1).await;
-    let two = own_last_seen(&service, 2).await;
-    let three = own_last_seen(&service, 3).await;
-    set_privacy(&service, 4, LastSeenVisibility::Nobody).await;
+    let groups = GroupSvc::open().await;
+    let u = groups.u;
+    let Fixture { service, bus, .. } = on_sqlite(dir.path(), &groups).await;
+    heartbeat(&service, u[2], 1).await;
+    heartbeat(&service, u[3], 2).await;
+    disconnect(&service, u[2], 1).await;
+    let two = own_last_seen(&service, u[2]).await;
+    let three = own_last_seen(&service, u[3]).await;
+    set_privacy(&service, u[4], LastSeenVisibility::Nobody).await;
     bus.take_presence();
     service.shutdown().await;
-    assert_eq!(bus.take_presence(), vec![(3, false, three)]);
-    let refused = try_heartbeat(&service, 2, 1).await.unwrap_err();
+    assert_eq!(bus.take_presence(), vec![(u[3], false, three)]);
+    let refused = try_heartbeat(&service, u[2], 1).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
     assert_eq!(service.store_writes(), 2);
     drop(service);
 
-    let Fixture { service, .. } = on_sqlite(dir.path()).await;
+    let Fixture { service, .. } = on_sqlite(dir.path(), &groups).await;
     assert_eq!(
-        presences(&service, 1, &[2, 3]).await,
-        vec![(2, false, two), (3, false, three)]
+        presences(&service, u[1], &[u[2], u[3]]).await,
+        vec![(u[2], false, two), (u[3], false, three)]
     );
-    assert_eq!(get_privacy(&service, 4).await, LastSeenVisibility::Nobody);
+    assert_eq!(
+        get_privacy(&service, u[4]).await,
+        LastSeenVisibility::Nobody
+    );
     // A user coming back keeps their stored privacy.
-    heartbeat(&service, 4, 9).await;
-    disconnect(&service, 4, 9).await;
-    assert_eq!(presences(&service, 1, &[4]).await, vec![(4, false, 0)]);
+    heartbeat(&service, u[4], 9).await;
+    disconnect(&service, u[4], 9).await;
+    assert_eq!(
+        presences(&service, u[1], &[u[4]]).await,
+        vec![(u[4], false, 0)]
+    );
     service.shutdown().await;
 }
 
@@ -210,56 +228,84 @@ async fn last_seen_survives_reopen() {
 /// the user always sees their own.
 #[tokio::test(start_paused = true)]
 async fn privacy_rules() {
-    let Fixture { service, bus, .. } = in_memory();
-    assert_eq!(get_privacy(&service, 2).await, LastSeenVisibility::Contacts);
-    for user in [2, 3, STRANGER] {
-        heartbeat(&service, user, user as u64).await;
-        disconnect(&service, user, user as u64).await;
+    let Fixture {
+        service,
+        bus,
+        groups,
+    } = in_memory().await;
+    let u = groups.u;
+    let stranger = u[STRANGER];
+    assert_eq!(
+        get_privacy(&service, u[2]).await,
+        LastSeenVisibility::Contacts
+    );
+    for n in [2, 3, STRANGER] {
+        heartbeat(&service, u[n], n as u64).await;
+        disconnect(&service, u[n], n as u64).await;
     }
-    let seen = own_last_seen(&service, 2).await;
+    let seen = own_last_seen(&service, u[2]).await;
     bus.take_presence();
 
-    // CONTACTS (the default): 2 shares DIRECT with 1, STRANGER shares nothing.
+    // CONTACTS (the default): 2 shares the direct conversation with 1, the
+    // stranger shares nothing.
     assert_eq!(
-        presences(&service, 1, &[2, STRANGER]).await,
-        vec![(2, false, seen)]
+        presences(&service, u[1], &[u[2], stranger]).await,
+        vec![(u[2], false, seen)]
     );
-    assert_eq!(presences(&service, STRANGER, &[1, 2, 3]).await, vec![]);
+    assert_eq!(
+        presences(&service, stranger, &[u[1], u[2], u[3]]).await,
+        vec![]
+    );
     assert!(
-        query(&service, STRANGER, &[1, 2, 3])
+        query(&service, stranger, &[u[1], u[2], u[3]])
             .await
             .watchable_ids
             .is_empty()
     );
 
     // EVERYONE: a stranger sees last seen, but not that the user is online.
-    set_privacy(&service, 2, LastSeenVisibility::Everyone).await;
+    set_privacy(&service, u[2], LastSeenVisibility::Everyone).await;
     assert_eq!(
-        presences(&service, STRANGER, &[2]).await,
-        vec![(2, false, seen)]
+        presences(&service, stranger, &[u[2]]).await,
+        vec![(u[2], false, seen)]
     );
     advance(Duration::from_secs(1)).await;
-    heartbeat(&service, 2, 2).await;
-    let now = own_last_seen(&service, 2).await;
+    heartbeat(&service, u[2], 2).await;
+    let now = own_last_seen(&service, u[2]).await;
     assert_eq!(
-        presences(&service, STRANGER, &[2]).await,
-        vec![(2, false, now)]
+        presences(&service, stranger, &[u[2]]).await,
+        vec![(u[2], false, now)]
     );
-    assert_eq!(presences(&service, 1, &[2]).await, vec![(2, true, now)]);
+    assert_eq!(
+        presences(&service, u[1], &[u[2]]).await,
+        vec![(u[2], true, now)]
+    );
 
     // NOBODY: contacts still see online, never last seen, also in events.
-    set_privacy(&service, 2, LastSeenVisibility::Nobody).await;
-    disconnect(&service, 2, 2).await;
-    assert_eq!(bus.take_presence(), vec![(2, true, now), (2, false, 0)]);
-    assert_eq!(presences(&service, 1, &[2]).await, vec![(2, false, 0)]);
-    assert_eq!(presences(&service, STRANGER, &[2]).await, vec![]);
-    assert_eq!(presences(&service, 2, &[2]).await, vec![(2, false, now)]);
+    set_privacy(&service, u[2], LastSeenVisibility::Nobody).await;
+    disconnect(&service, u[2], 2).await;
+    assert_eq!(
+        bus.take_presence(),
+        vec![(u[2], true, now), (u[2], false, 0)]
+    );
+    assert_eq!(
+        presences(&service, u[1], &[u[2]]).await,
+        vec![(u[2], false, 0)]
+    );
+    assert_eq!(presences(&service, stranger, &[u[2]]).await, vec![]);
+    assert_eq!(
+        presences(&service, u[2], &[u[2]]).await,
+        vec![(u[2], false, now)]
+    );
 
     // UNSPECIFIED means CONTACTS; an unknown value is refused.
-    set_privacy(&service, 2, LastSeenVisibility::Unspecified).await;
-    assert_eq!(get_privacy(&service, 2).await, LastSeenVisibility::Contacts);
+    set_privacy(&service, u[2], LastSeenVisibility::Unspecified).await;
+    assert_eq!(
+        get_privacy(&service, u[2]).await,
+        LastSeenVisibility::Contacts
+    );
     let bad = SetPrivacyRequest {
-        user_id: 2,
+        user_id: u[2],
         last_seen: 42,
     };
     let status = Presences::set_privacy(&service, Request::new(bad))
@@ -275,11 +321,13 @@ async fn privacy_rules() {
 async fn watchable_ids() {
     let Fixture {
         service, groups, ..
-    } = in_memory();
-    heartbeat(&service, 3, 1).await;
-    let three = own_last_seen(&service, 3).await;
-    let response = query(&service, 1, &[1, 2, 3, 4, 5, STRANGER, 3]).await;
-    assert_eq!(response.watchable_ids, vec![2, 3, 4]);
+    } = in_memory().await;
+    let u = groups.u;
+    heartbeat(&service, u[3], 1).await;
+    let three = own_last_seen(&service, u[3]).await;
+    let asked = [u[1], u[2], u[3], u[4], u[5], u[STRANGER], u[3]];
+    let response = query(&service, u[1], &asked).await;
+    assert_eq!(response.watchable_ids, vec![u[2], u[3], u[4]]);
     let listed: Vec<(i64, bool, i64)> = response
         .presences
         .iter()
@@ -288,29 +336,29 @@ async fn watchable_ids() {
     assert_eq!(
         listed,
         vec![
-            (1, false, 0),
-            (2, false, 0),
-            (3, true, three),
-            (4, false, 0)
+            (u[1], false, 0),
+            (u[2], false, 0),
+            (u[3], true, three),
+            (u[4], false, 0)
         ]
     );
-    assert_eq!(groups.shared_with_calls.load(Ordering::Relaxed), 1);
+    assert_eq!(groups.calls("SharedWith"), 1);
     let too_many = QueryRequest {
-        watcher_id: 1,
+        watcher_id: u[1],
         user_ids: (1..=257).collect(),
     };
     let status = Presences::query(&service, Request::new(too_many))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    query(&service, 1, &(1..=256).collect::<Vec<_>>()).await;
+    query(&service, u[1], &(1..=256).collect::<Vec<_>>()).await;
 }
 
 /// 1,000 heartbeats of 100 users in one window write at most one row per user;
 /// the next window refreshes each online user once more.
 #[tokio::test(start_paused = true)]
 async fn heartbeats_coalesce_into_batched_writes() {
-    let Fixture { service, .. } = in_memory();
+    let Fixture { service, .. } = in_memory().await;
     let step = WINDOW / 10;
     for round in 0..10 {
         for user in 100..200 {
@@ -342,38 +390,44 @@ async fn typing_reaches_other_members() {
         service,
         bus,
         groups,
-    } = in_memory();
-    typing(&service, 1, GROUP, true).await.unwrap();
+    } = in_memory().await;
+    let GroupSvc {
+        u, direct, group, ..
+    } = groups.clone();
+    typing(&service, u[1], group, true).await.unwrap();
     assert_eq!(
         bus.take_typing(),
-        vec![(3, GROUP, 1, true), (4, GROUP, 1, true)]
+        vec![(u[3], group, u[1], true), (u[4], group, u[1], true)]
     );
-    typing(&service, 1, GROUP, false).await.unwrap();
+    typing(&service, u[1], group, false).await.unwrap();
     assert_eq!(
         bus.take_typing(),
-        vec![(3, GROUP, 1, false), (4, GROUP, 1, false)]
+        vec![(u[3], group, u[1], false), (u[4], group, u[1], false)]
     );
-    typing(&service, 1, GROUP, false).await.unwrap();
-    typing(&service, 2, DIRECT, false).await.unwrap();
+    typing(&service, u[1], group, false).await.unwrap();
+    typing(&service, u[2], direct, false).await.unwrap();
     assert_eq!(bus.take_typing(), vec![]);
-    typing(&service, 2, DIRECT, true).await.unwrap();
-    assert_eq!(bus.take_typing(), vec![(1, DIRECT, 2, true)]);
+    typing(&service, u[2], direct, true).await.unwrap();
+    assert_eq!(bus.take_typing(), vec![(u[1], direct, u[2], true)]);
     // The member lists come from the cache for 30 s.
-    assert_eq!(groups.conversation_calls.load(Ordering::Relaxed), 2);
+    assert_eq!(groups.calls("GetConversation"), 2);
     advance(Duration::from_secs(31)).await;
-    typing(&service, 1, GROUP, true).await.unwrap();
-    assert_eq!(groups.conversation_calls.load(Ordering::Relaxed), 3);
+    typing(&service, u[1], group, true).await.unwrap();
+    assert_eq!(groups.calls("GetConversation"), 3);
 }
 
 /// Beyond `typing_per_minute` a user gets RESOURCE_EXHAUSTED with a retry
 /// hint, others are unaffected, and a token comes back after a second.
 #[tokio::test(start_paused = true)]
 async fn typing_rate_limited() {
-    let Fixture { service, .. } = in_memory();
+    let Fixture {
+        service, groups, ..
+    } = in_memory().await;
+    let (u, group) = (groups.u, groups.group);
     for i in 0..60 {
-        typing(&service, 1, GROUP, i % 2 == 0).await.unwrap();
+        typing(&service, u[1], group, i % 2 == 0).await.unwrap();
     }
-    let status = typing(&service, 1, GROUP, true).await.unwrap_err();
+    let status = typing(&service, u[1], group, true).await.unwrap_err();
     assert_eq!(
         (status.code(), status.message()),
         (
@@ -381,33 +435,40 @@ async fn typing_rate_limited() {
             "typing rate limit exceeded, retry in 1000 ms"
         )
     );
-    typing(&service, 3, GROUP, true).await.unwrap();
+    typing(&service, u[3], group, true).await.unwrap();
     advance(Duration::from_secs(1)).await;
-    typing(&service, 1, GROUP, true).await.unwrap();
+    typing(&service, u[1], group, true).await.unwrap();
 }
 
 /// A started typing ends by itself after the ttl unless renewed, and when the
 /// typist goes offline.
 #[tokio::test(start_paused = true)]
 async fn typing_expires() {
-    let Fixture { service, bus, .. } = in_memory();
-    typing(&service, 2, DIRECT, true).await.unwrap();
+    let Fixture {
+        service,
+        bus,
+        groups,
+    } = in_memory().await;
+    let GroupSvc {
+        u, direct, group, ..
+    } = groups;
+    typing(&service, u[2], direct, true).await.unwrap();
     advance(Duration::from_secs(4)).await;
-    typing(&service, 2, DIRECT, true).await.unwrap();
+    typing(&service, u[2], direct, true).await.unwrap();
     bus.take_typing();
     advance(Duration::from_secs(5)).await;
     assert_eq!(bus.take_typing(), vec![], "renewed at 4 s");
     // The ttl (6 s) after the renewal, plus one sweep period at most.
     advance(Duration::from_millis(2_200)).await;
-    assert_eq!(bus.take_typing(), vec![(1, DIRECT, 2, false)]);
+    assert_eq!(bus.take_typing(), vec![(u[1], direct, u[2], false)]);
 
-    heartbeat(&service, 1, 1).await;
-    typing(&service, 1, GROUP, true).await.unwrap();
+    heartbeat(&service, u[1], 1).await;
+    typing(&service, u[1], group, true).await.unwrap();
     bus.take_typing();
-    disconnect(&service, 1, 1).await;
+    disconnect(&service, u[1], 1).await;
     assert_eq!(
         bus.take_typing(),
-        vec![(3, GROUP, 1, false), (4, GROUP, 1, false)]
+        vec![(u[3], group, u[1], false), (u[4], group, u[1], false)]
     );
 }
 
@@ -415,14 +476,23 @@ async fn typing_expires() {
 /// in, or one that does not exist, the same NOT_FOUND.
 #[tokio::test(start_paused = true)]
 async fn typing_refused_outside_conversations() {
-    let Fixture { service, bus, .. } = in_memory();
-    let channel = typing(&service, 1, CHANNEL, true).await.unwrap_err();
+    let Fixture {
+        service,
+        bus,
+        groups,
+    } = in_memory().await;
+    let GroupSvc {
+        u, group, channel, ..
+    } = groups;
+    let refused = typing(&service, u[1], channel, true).await.unwrap_err();
     assert_eq!(
-        (channel.code(), channel.message()),
+        (refused.code(), refused.message()),
         (Code::InvalidArgument, "no typing in channels")
     );
-    let outsider = typing(&service, STRANGER, GROUP, true).await.unwrap_err();
-    let unknown = typing(&service, 1, 999, true).await.unwrap_err();
+    let outsider = typing(&service, u[STRANGER], group, true)
+        .await
+        .unwrap_err();
+    let unknown = typing(&service, u[1], 999, true).await.unwrap_err();
     for status in [outsider, unknown] {
         assert_eq!(
             (status.code(), status.message()),

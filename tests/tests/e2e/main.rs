@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 use tonic::Code;
 
+mod attacks;
 mod auth;
 mod channels;
 mod cli;

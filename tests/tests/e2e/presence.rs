@@ -566,7 +566,7 @@ async fn typing_reaches_online_members_only() -> Result<()> {
             Reply::Error(error) => {
                 assert_eq!(
                     (error.code, error.reason.as_str(), error.fatal),
-                    (Code::ResourceExhausted as i32, "too_large", false),
+                    (Code::ResourceExhausted as i32, "rate_limited", false),
                     "{error:?}"
                 );
                 limited += 1;

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::PresenceService;
-use crate::testing::{Fixture, STRANGER, eventually, on_nats};
+use crate::testing::{Fixture, GroupSvc, STRANGER, eventually, on_nats};
 
 /// The window of these tests: leases are renewed every second.
 const WINDOW: Duration = Duration::from_secs(2);
@@ -40,20 +40,23 @@ async fn bucket_of(server: &NatsServer, name: &str) -> kv::Store {
 #[tokio::test]
 async fn online_after_heartbeat_for_every_instance() {
     let server = NatsServer::start().await;
-    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW).await;
-    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW).await;
-    a.heartbeat(2, "node-a", 1).await.unwrap();
-    let (online, last_seen) = seen_by(&a, 1, 2).await.unwrap();
+    let groups = GroupSvc::open().await;
+    let u = groups.u;
+    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    a.heartbeat(u[2], "node-a", 1).await.unwrap();
+    let (online, last_seen) = seen_by(&a, u[1], u[2]).await.unwrap();
     assert!(online);
     assert!(last_seen > 0, "the heartbeat's time while online");
 
     let other = eventually("b sees 2 online", || async {
-        seen_by(&b, 1, 2).await.filter(|seen| seen.0)
+        seen_by(&b, u[1], u[2]).await.filter(|seen| seen.0)
     })
     .await;
     assert_eq!(other, (true, last_seen));
     let leases = bucket_of(&server, PRESENCE_BUCKET).await;
-    let value = leases.get("2").await.unwrap().expect("a lease for user 2");
+    let value = leases.get(u[2].to_string()).await.unwrap();
+    let value = value.expect("a lease for user 2");
     let lease = decode_lease(&value).expect("a well-formed lease");
     assert_eq!(lease.last_heartbeat_ms, last_seen);
     a.shutdown().await;
@@ -65,30 +68,33 @@ async fn online_after_heartbeat_for_every_instance() {
 #[tokio::test]
 async fn offline_with_last_seen_after_disconnect() {
     let server = NatsServer::start().await;
+    let groups = GroupSvc::open().await;
+    let u = groups.u;
     let Fixture {
         service: a, bus, ..
-    } = on_nats(&server.url(), WINDOW).await;
-    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW).await;
-    a.heartbeat(2, "node-a", 1).await.unwrap();
+    } = on_nats(&server.url(), WINDOW, &groups).await;
+    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    a.heartbeat(u[2], "node-a", 1).await.unwrap();
     eventually("b sees 2 online", || async {
-        seen_by(&b, 1, 2).await.filter(|seen| seen.0)
+        seen_by(&b, u[1], u[2]).await.filter(|seen| seen.0)
     })
     .await;
-    a.heartbeat(2, "node-a", 1).await.unwrap();
-    let last = seen_by(&a, 2, 2).await.unwrap().1;
-    a.disconnect(2, "node-a", 1).await;
-    assert_eq!(seen_by(&a, 1, 2).await, Some((false, last)));
-    assert_eq!(bus.take_presence().last(), Some(&(2, false, last)));
+    a.heartbeat(u[2], "node-a", 1).await.unwrap();
+    let last = seen_by(&a, u[2], u[2]).await.unwrap().1;
+    a.disconnect(u[2], "node-a", 1).await;
+    assert_eq!(seen_by(&a, u[1], u[2]).await, Some((false, last)));
+    assert_eq!(bus.take_presence().last(), Some(&(u[2], false, last)));
 
     eventually("b sees 2 offline with the last heartbeat", || async {
-        (seen_by(&b, 1, 2).await == Some((false, last))).then_some(())
+        (seen_by(&b, u[1], u[2]).await == Some((false, last))).then_some(())
     })
     .await;
     let leases = bucket_of(&server, PRESENCE_BUCKET).await;
     let last_seen = bucket_of(&server, LAST_SEEN_BUCKET).await;
+    let key = u[2].to_string();
     eventually("the lease removed and last seen written", || async {
-        let lease = leases.get("2").await.unwrap();
-        let stored = last_seen.get("2").await.unwrap();
+        let lease = leases.get(&key).await.unwrap();
+        let stored = last_seen.get(&key).await.unwrap();
         let stored = stored.and_then(|value| decode_number(&value));
         (lease.is_none() && stored == Some(last)).then_some(())
     })
@@ -104,19 +110,22 @@ async fn offline_with_last_seen_after_disconnect() {
 #[tokio::test]
 async fn lease_writes_coalesced() {
     let server = NatsServer::start().await;
-    let Fixture { service, .. } = on_nats(&server.url(), WINDOW).await;
+    let groups = GroupSvc::open().await;
+    let user = groups.u[2];
+    let Fixture { service, .. } = on_nats(&server.url(), WINDOW, &groups).await;
     let leases = bucket_of(&server, PRESENCE_BUCKET).await;
     let started = Instant::now();
     let mut heartbeats = 0;
     while started.elapsed() < 3 * WINDOW / 2 + WINDOW {
-        service.heartbeat(2, "node-a", 1).await.unwrap();
+        service.heartbeat(user, "node-a", 1).await.unwrap();
         heartbeats += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
     // Let the writer finish what it was given, then count.
     service.shutdown().await;
-    let history = leases.entry("2").await.unwrap().expect("a lease entry");
+    let history = leases.entry(user.to_string()).await.unwrap();
+    let history = history.expect("a lease entry");
     // Online, the renewals, and the removal at shutdown.
     let period = WINDOW / 2;
     let renewals = u64::try_from(elapsed.as_millis() / period.as_millis()).unwrap();
@@ -136,22 +145,25 @@ async fn lease_writes_coalesced() {
 #[tokio::test]
 async fn dead_instance_users_expire() {
     let server = NatsServer::start().await;
-    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW).await;
-    a.heartbeat(2, "node-a", 1).await.unwrap();
-    let last = seen_by(&a, 2, 2).await.unwrap().1;
+    let groups = GroupSvc::open().await;
+    let u = groups.u;
+    let key = u[2].to_string();
+    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    a.heartbeat(u[2], "node-a", 1).await.unwrap();
+    let last = seen_by(&a, u[2], u[2]).await.unwrap().1;
     let leases = bucket_of(&server, PRESENCE_BUCKET).await;
     eventually("the lease written", || async {
-        leases.get("2").await.unwrap()
+        leases.get(&key).await.unwrap()
     })
     .await;
 
     // Opened while the lease lives: loaded from the bucket, not the watch.
-    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW).await;
-    assert_eq!(seen_by(&b, 1, 2).await, Some((true, last)));
+    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    assert_eq!(seen_by(&b, u[1], u[2]).await, Some((true, last)));
     drop(a);
     let dropped = Instant::now();
     eventually("b sees 2 offline", || async {
-        (seen_by(&b, 1, 2).await == Some((false, last))).then_some(())
+        (seen_by(&b, u[1], u[2]).await == Some((false, last))).then_some(())
     })
     .await;
     // The last renewal may be up to half a window old at the drop.
@@ -161,7 +173,7 @@ async fn dead_instance_users_expire() {
         dropped.elapsed()
     );
     eventually("the server expired the lease", || async {
-        leases.get("2").await.unwrap().is_none().then_some(())
+        leases.get(&key).await.unwrap().is_none().then_some(())
     })
     .await;
     b.shutdown().await;
@@ -172,26 +184,28 @@ async fn dead_instance_users_expire() {
 #[tokio::test]
 async fn last_seen_and_privacy_survive_a_new_instance() {
     let server = NatsServer::start().await;
-    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW).await;
-    a.set_privacy(2, Visibility::Nobody).await.unwrap();
-    a.set_privacy(3, Visibility::Everyone).await.unwrap();
-    a.heartbeat(3, "node-a", 1).await.unwrap();
-    a.heartbeat(2, "node-a", 2).await.unwrap();
-    a.disconnect(3, "node-a", 1).await;
-    let three = seen_by(&a, 3, 3).await.unwrap().1;
-    let two = seen_by(&a, 2, 2).await.unwrap().1;
+    let groups = GroupSvc::open().await;
+    let u = groups.u;
+    let Fixture { service: a, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    a.set_privacy(u[2], Visibility::Nobody).await.unwrap();
+    a.set_privacy(u[3], Visibility::Everyone).await.unwrap();
+    a.heartbeat(u[3], "node-a", 1).await.unwrap();
+    a.heartbeat(u[2], "node-a", 2).await.unwrap();
+    a.disconnect(u[3], "node-a", 1).await;
+    let three = seen_by(&a, u[3], u[3]).await.unwrap().1;
+    let two = seen_by(&a, u[2], u[2]).await.unwrap().1;
     // 2 is still online at shutdown, which marks them offline.
     a.shutdown().await;
     drop(a);
 
-    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW).await;
-    assert_eq!(b.privacy(2).await.unwrap(), Visibility::Nobody);
-    assert_eq!(b.privacy(3).await.unwrap(), Visibility::Everyone);
-    assert_eq!(b.privacy(4).await.unwrap(), Visibility::Contacts);
-    assert_eq!(seen_by(&b, 3, 3).await, Some((false, three)));
-    assert_eq!(seen_by(&b, STRANGER, 3).await, Some((false, three)));
-    assert_eq!(seen_by(&b, 2, 2).await, Some((false, two)));
-    assert_eq!(seen_by(&b, 1, 2).await, Some((false, 0)), "NOBODY");
+    let Fixture { service: b, .. } = on_nats(&server.url(), WINDOW, &groups).await;
+    assert_eq!(b.privacy(u[2]).await.unwrap(), Visibility::Nobody);
+    assert_eq!(b.privacy(u[3]).await.unwrap(), Visibility::Everyone);
+    assert_eq!(b.privacy(u[4]).await.unwrap(), Visibility::Contacts);
+    assert_eq!(seen_by(&b, u[3], u[3]).await, Some((false, three)));
+    assert_eq!(seen_by(&b, u[STRANGER], u[3]).await, Some((false, three)));
+    assert_eq!(seen_by(&b, u[2], u[2]).await, Some((false, two)));
+    assert_eq!(seen_by(&b, u[1], u[2]).await, Some((false, 0)), "NOBODY");
     b.shutdown().await;
 }
 
