@@ -60,7 +60,10 @@ fn main() -> std::io::Result<()> {
             WsMessage::Binary(&binary[3]),
         ],
         // Every frame kind in binary.
-        binary.iter().map(|bytes| WsMessage::Binary(bytes)).collect(),
+        binary
+            .iter()
+            .map(|bytes| WsMessage::Binary(bytes))
+            .collect(),
     ];
     write(
         &corpus.join("ws_dispatch"),

@@ -55,10 +55,15 @@ fn check_reply(connection: &WsConnection, why: String) {
     };
     let bytes = connection.encode_reply(&reply);
     if connection.replies_in_text() {
-        let json: serde_json::Value =
-            serde_json::from_slice(&bytes).expect("a text reply is json");
-        assert_eq!(json["error"]["message"].as_str(), Some(&*format!("malformed frame: {why}")));
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("a text reply is json");
+        assert_eq!(
+            json["error"]["message"].as_str(),
+            Some(&*format!("malformed frame: {why}"))
+        );
     } else {
-        assert_eq!(ServerFrame::decode(&*bytes).expect("a binary reply decodes"), reply);
+        assert_eq!(
+            ServerFrame::decode(&*bytes).expect("a binary reply decodes"),
+            reply
+        );
     }
 }

@@ -66,7 +66,10 @@ pub fn check_token(token: &str) {
             assert_eq!(with_external.as_ref().ok(), Some(own));
         }
         (Err(_), Ok(external)) => {
-            assert!(matches!(external.subject, Subject::External(_)), "{external:?}");
+            assert!(
+                matches!(external.subject, Subject::External(_)),
+                "{external:?}"
+            );
         }
         (Err(_), Err(_)) => {}
     }
@@ -76,10 +79,7 @@ pub fn check_token(token: &str) {
         "a token is both an access and a refresh token"
     );
     // External providers mint no refresh tokens.
-    assert_eq!(
-        WITH_EXTERNAL.verify_refresh(token).is_ok(),
-        refresh.is_ok()
-    );
+    assert_eq!(WITH_EXTERNAL.verify_refresh(token).is_ok(), refresh.is_ok());
 }
 
 /// Checks what a decoded client frame must satisfy: its protobuf encoding

@@ -133,3 +133,48 @@ impl WsConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use confab_proto::v1::{Ping, client_frame};
+
+    use super::*;
+
+    /// The fuzzing entry points dispatch as the connection does: frames in
+    /// either encoding, malformed data answered, control frames skipped, a close
+    /// ending the stream, replies following the latest data message.
+    #[test]
+    fn dispatch_matches_the_connection() {
+        let ping = ClientFrame {
+            r#ref: 3,
+            kind: Some(client_frame::Kind::Ping(Ping { nonce: 1 })),
+        };
+        assert_eq!(decode_ws_binary(&ping.encode_to_vec()), Ok(ping.clone()));
+        assert_eq!(
+            decode_ws_text(r#"{"ref":"3","ping":{"nonce":"1"}}"#),
+            Ok(ping)
+        );
+        assert!(decode_ws_binary(&[0xff, 0xff, 0xff]).is_err());
+
+        let connection = WsConnection::new();
+        assert!(matches!(
+            connection.dispatch(WsMessage::Text("{")),
+            Dispatched::Malformed(_)
+        ));
+        assert!(connection.replies_in_text());
+        assert!(matches!(
+            connection.dispatch(WsMessage::Ping(b"p")),
+            Dispatched::Control
+        ));
+        assert!(connection.replies_in_text());
+        assert!(matches!(
+            connection.dispatch(WsMessage::Binary(&[])),
+            Dispatched::Frame(_)
+        ));
+        assert!(!connection.replies_in_text());
+        assert!(matches!(
+            connection.dispatch(WsMessage::Close),
+            Dispatched::Close
+        ));
+    }
+}
