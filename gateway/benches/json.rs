@@ -3,7 +3,10 @@
 //! with `cargo bench --bench frames` (binary protobuf). Run with `cargo bench
 //! --bench json`.
 
-use confab_gateway::bench_json::{decode_client_frame, encode_server_frame};
+use confab_gateway::fuzzing::{
+    decode_json_client_frame as decode_client_frame,
+    encode_json_server_frame as encode_server_frame,
+};
 use confab_proto::v1::{Event, Message, ServerFrame, event, server_frame};
 use divan::{Bencher, black_box};
 

@@ -1,5 +1,6 @@
-//! Entry points for the fuzz targets in `fuzz/` and for nothing else: hidden
-//! from the docs, not an API, free to change with the decoders they reach.
+//! Entry points for the fuzz targets in `fuzz/` and the benchmarks in
+//! `benches/`, and for nothing else: hidden from the docs, not an API, free to
+//! change with the decoders they reach.
 //!
 //! Each one runs the code a live connection runs on what the network hands
 //! it, without a socket: [`WsConnection::dispatch`] is the WebSocket
@@ -40,6 +41,21 @@ pub fn decode_ws_text(text: &str) -> Result<ClientFrame, String> {
     WsConnection::new()
         .dispatch(WsMessage::Text(text))
         .into_frame()
+}
+
+/// Parses a client frame from its proto3 JSON form (the mapping alone, without
+/// the WebSocket dispatch around it).
+///
+/// # Errors
+///
+/// Returns a one-line description of what is wrong with the text.
+pub fn decode_json_client_frame(text: &str) -> Result<ClientFrame, String> {
+    crate::json::decode_client_frame(text)
+}
+
+/// Renders a server frame in its proto3 JSON form.
+pub fn encode_json_server_frame(frame: &ServerFrame) -> String {
+    crate::json::encode_server_frame(frame)
 }
 
 /// One message as the WebSocket layer delivers it.

@@ -205,24 +205,3 @@ async fn prune(limits: Arc<limits::Limits>, closing: CancellationToken) {
         }
     }
 }
-
-/// The proto3 JSON mapping of WebSocket text frames, reachable for the
-/// benchmarks in `benches/` only; not an API.
-#[doc(hidden)]
-pub mod bench_json {
-    use confab_proto::v1::{ClientFrame, ServerFrame};
-
-    /// Parses a client frame from its proto3 JSON form.
-    ///
-    /// # Errors
-    ///
-    /// Returns a one-line description of what is wrong with the text.
-    pub fn decode_client_frame(text: &str) -> Result<ClientFrame, String> {
-        crate::json::decode_client_frame(text)
-    }
-
-    /// Renders a server frame in its proto3 JSON form.
-    pub fn encode_server_frame(frame: &ServerFrame) -> String {
-        crate::json::encode_server_frame(frame)
-    }
-}
