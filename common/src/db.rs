@@ -47,3 +47,32 @@ pub async fn open_sqlite_memory() -> Result<SqlitePool, sqlx::Error> {
         .connect_with(SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true))
         .await
 }
+
+/// One migration embedded in the binary: its version, a description, its SQL.
+pub type EmbeddedMigration = (i64, &'static str, &'static str);
+
+/// Returns a migrator over `migrations`, recording what it applied in `table`,
+/// so that services sharing one database keep their versions apart.
+pub fn embedded_migrator(
+    table: &'static str,
+    migrations: &[EmbeddedMigration],
+) -> sqlx::migrate::Migrator {
+    use sqlx::SqlSafeStr as _;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+    let migrations = migrations
+        .iter()
+        .map(|&(version, description, sql)| {
+            Migration::new(
+                version,
+                description.into(),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name(table);
+    migrator
+}

@@ -15,8 +15,8 @@
 //! other insert), and a change of an existing conversation first updates its row,
 //! which holds the row lock to the end (see `bump_version`).
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{PgConnection, PgPool, SqlSafeStr};
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, PgPool};
 
 use super::portable::portable_statements;
 use super::rows::{UserRow, user_from_row};
@@ -132,25 +132,21 @@ pub(super) async fn insert_member_rows(
 
 /// Returns the migrations of this service, embedded in the binary.
 fn migrator() -> Migrator {
-    let migrations = vec![
-        Migration::new(
-            1,
-            "users conversations members groups".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations-postgres/0001_init.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            2,
-            "token revocation".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations-postgres/0002_token_revocation.sql").into_sql_str(),
-            false,
-        ),
-    ];
-    let mut migrator = Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
+    confab_common::db::embedded_migrator(
+        MIGRATIONS_TABLE,
+        &[
+            (
+                1,
+                "users conversations members groups",
+                include_str!("../../migrations-postgres/0001_init.sql"),
+            ),
+            (
+                2,
+                "token revocation",
+                include_str!("../../migrations-postgres/0002_token_revocation.sql"),
+            ),
+        ],
+    )
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@
 //! Lists of ids are bound as `IN (...)` lists and members inserted with multi-row
 //! INSERTs, in chunks that stay under SQLite's limit on bound parameters.
 
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{QueryBuilder, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::migrate::Migrator;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 
 use super::portable::portable_statements;
 use super::rows::{UserRow, user_from_row};
@@ -164,32 +164,26 @@ fn push_ids(query: &mut QueryBuilder<Sqlite>, ids: &[i64]) {
 
 /// Returns the migrations of this service, embedded in the binary.
 fn migrator() -> Migrator {
-    let migrations = vec![
-        Migration::new(
-            1,
-            "users conversations members".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/0001_init.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            2,
-            "groups and channels".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/0002_groups.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            3,
-            "token revocation".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/0003_token_revocation.sql").into_sql_str(),
-            false,
-        ),
-    ];
-    let mut migrator = Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
+    confab_common::db::embedded_migrator(
+        MIGRATIONS_TABLE,
+        &[
+            (
+                1,
+                "users conversations members",
+                include_str!("../../migrations/0001_init.sql"),
+            ),
+            (
+                2,
+                "groups and channels",
+                include_str!("../../migrations/0002_groups.sql"),
+            ),
+            (
+                3,
+                "token revocation",
+                include_str!("../../migrations/0003_token_revocation.sql"),
+            ),
+        ],
+    )
 }
 
 #[cfg(test)]
@@ -205,7 +199,7 @@ mod tests {
         let pool = confab_common::db::open_sqlite(&dir.path().join("group.db"), 1)
             .await
             .unwrap();
-        let first: Vec<Migration> = migrator().iter().take(1).cloned().collect();
+        let first: Vec<sqlx::migrate::Migration> = migrator().iter().take(1).cloned().collect();
         let mut v1 = Migrator::with_migrations(first);
         v1.dangerous_set_table_name(MIGRATIONS_TABLE);
         v1.run(&pool).await.unwrap();

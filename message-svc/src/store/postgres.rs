@@ -20,9 +20,9 @@
 //! apply each version once.
 
 use confab_proto::v1::ReadState;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnection;
-use sqlx::{PgPool, SqlSafeStr as _};
 
 use super::common::{self, message_columns, message_from_row};
 use super::{BoxFuture, MessageStore, StoreError, StoredMessage, UNREAD_CAP};
@@ -32,16 +32,14 @@ const MIGRATIONS_TABLE: &str = "_message_svc_migrations";
 
 /// Returns the migrations of this service, embedded in the binary.
 fn migrator() -> Migrator {
-    let migrations = vec![Migration::new(
-        1,
-        "messages events heads receipts leaves".into(),
-        MigrationType::Simple,
-        include_str!("postgres/migrations/0001_init.sql").into_sql_str(),
-        false,
-    )];
-    let mut migrator = Migrator::with_migrations(migrations);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
+    confab_common::db::embedded_migrator(
+        MIGRATIONS_TABLE,
+        &[(
+            1,
+            "messages events heads receipts leaves",
+            include_str!("postgres/migrations/0001_init.sql"),
+        )],
+    )
 }
 
 /// Creates or updates the schema. Idempotent, and safe when several processes
