@@ -53,10 +53,10 @@ async fn presence(cluster: &mut Cluster) -> Result<()> {
     )
     .await?;
     let before = cluster.gateway(0).get_presence(&alice, &[bob.id()]).await?;
-    // The process crashes a while later, not within the very window in which
-    // the lease of its dead predecessor is found expired and its last heartbeat
-    // is written as last seen.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The process crashes once bob's last seen is in NATS KV: it is written
+    // when the lease of the dead predecessor is found expired, up to a window
+    // after bob shows offline.
+    await_last_seen_stored(cluster, bob.id()).await?;
 
     cluster.kill9(Role::Presence, 0).await?;
     cluster.restart(Role::Presence, 0).await?;
@@ -86,6 +86,27 @@ async fn presence(cluster: &mut Cluster) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// Waits until `user`'s last seen is in the KV bucket presence-svc keeps it in.
+async fn await_last_seen_stored(cluster: &Cluster, user: i64) -> Result<()> {
+    let client = async_nats::connect(cluster.nats_url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let last_seen = js
+        .get_key_value("confab_last_seen")
+        .await
+        .context("last-seen bucket")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if last_seen.get(user.to_string()).await?.is_some() {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "user {user}'s last seen never reached NATS KV"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Asks gateway 0 for `user`'s presence, as `viewer`, until `wanted` holds.
