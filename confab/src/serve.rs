@@ -224,15 +224,17 @@ pub(crate) struct LimitArgs {
     /// Users one user may add to conversations per minute.
     #[arg(long, env = "CONFAB_INVITATIONS_PER_MINUTE", default_value_t = 300)]
     invitations_per_minute: u32,
-    /// Browser origins allowed to open a WebSocket, comma-separated (`*`: any);
-    /// upgrades without an Origin header (native clients) always pass.
+    /// Browser origins allowed to open a WebSocket or call through gRPC-web,
+    /// comma-separated (`*`: any); requests without an Origin header (native
+    /// clients) always pass. `--ws-allowed-origins` is its former name.
     #[arg(
         long,
-        env = "CONFAB_WS_ALLOWED_ORIGINS",
+        alias = "ws-allowed-origins",
+        env = "CONFAB_ALLOWED_ORIGINS",
         default_value = "*",
         value_delimiter = ','
     )]
-    ws_allowed_origins: Vec<String>,
+    allowed_origins: Vec<String>,
     /// A WebSocket silent (no frame, no pong) this long is closed; the server
     /// pings after half of it. In seconds.
     #[arg(long, env = "CONFAB_WS_IDLE_TIMEOUT_SECS", default_value_t = 60)]
@@ -364,7 +366,7 @@ fn gateway_config(args: &ServeArgs) -> GatewayConfig {
         login_failures_per_minute: args.limits.login_failures_per_minute,
         creations_per_minute: args.limits.creations_per_minute,
         invitations_per_minute: args.limits.invitations_per_minute,
-        ws_allowed_origins: args.limits.ws_allowed_origins.clone(),
+        allowed_origins: args.limits.allowed_origins.clone(),
         ws_idle_timeout: Duration::from_secs(args.limits.ws_idle_timeout_secs),
         header_read_timeout: Duration::from_secs(args.limits.header_read_timeout_secs),
         ..GatewayConfig::default()
@@ -412,11 +414,11 @@ fn validate(args: &ServeArgs) -> Result<(), String> {
     }
     if args
         .limits
-        .ws_allowed_origins
+        .allowed_origins
         .iter()
         .any(|o| o.trim().is_empty())
     {
-        return Err("--ws-allowed-origins has an empty entry".into());
+        return Err("--allowed-origins has an empty entry".into());
     }
     if args.limits.ws_idle_timeout_secs < 2 {
         return Err("--ws-idle-timeout-secs must be at least 2".into());

@@ -10,13 +10,14 @@ use std::path::Path;
 
 use confab_common::auth::TokenType;
 use confab_fuzz::{
-    EXTERNAL_AUDIENCE, EXTERNAL_ISSUER, EXTERNAL_PRIVATE_KEY, client_frame_json,
+    EXTERNAL_AUDIENCE, EXTERNAL_ISSUER, EXTERNAL_PRIVATE_KEY, client_frame_json, encode_web_call,
     encode_ws_messages, own_tokens, tokens_with_external,
 };
-use confab_gateway::fuzzing::{self, WsMessage};
+use confab_gateway::fuzzing::{self, WebMethod, WsMessage};
 use confab_proto::v1::{
     ClientFrame, CloseChannel, Delivered, Heartbeat, Hello, MarkRead, OpenChannel, Ping,
-    Reauthenticate, SendMessage, Typing, WatchPresence, client_frame::Kind,
+    Reauthenticate, RegisterRequest, SendMessage, SubmitRequest, Typing, WatchPresence,
+    client_frame::Kind,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use prost::Message as _;
@@ -71,6 +72,7 @@ fn main() -> std::io::Result<()> {
     )?;
 
     write(&corpus.join("token_verify"), tokens(&access).into_iter())?;
+    write(&corpus.join("grpc_web"), web_calls(&frames).into_iter())?;
     Ok(())
 }
 
@@ -163,6 +165,40 @@ fn tokens(access: &str) -> Vec<Vec<u8>> {
     .into_iter()
     .map(String::into_bytes)
     .collect()
+}
+
+/// Returns a valid call of every `grpc_web` method, in both modes.
+fn web_calls(frames: &[ClientFrame]) -> Vec<Vec<u8>> {
+    let hello = match &frames[0].kind {
+        Some(Kind::Hello(hello)) => hello.clone(),
+        _ => unreachable!("the first frame is the hello"),
+    };
+    let submit = SubmitRequest {
+        device_id: "d1".into(),
+        frame: Some(frames[2].clone()),
+    };
+    let register = RegisterRequest {
+        username: "webby".into(),
+        password: "correct horse battery staple".into(),
+    };
+    let send = match &frames[1].kind {
+        Some(Kind::Send(send)) => send.clone(),
+        _ => unreachable!("the second frame is a send"),
+    };
+    let calls = [
+        (WebMethod::Subscribe, hello.encode_to_vec()),
+        (WebMethod::Submit, submit.encode_to_vec()),
+        (WebMethod::Register, register.encode_to_vec()),
+        (WebMethod::Send, send.encode_to_vec()),
+    ];
+    [false, true]
+        .into_iter()
+        .flat_map(|text| {
+            calls
+                .iter()
+                .map(move |(method, message)| encode_web_call(*method, text, message))
+        })
+        .collect()
 }
 
 /// Replaces the seeds of one corpus with `seeds` (inputs the fuzzer found stay).

@@ -5,6 +5,7 @@
 //! - [`check_frame`]: a decoded client frame survives both encodings.
 //! - [`check_token`]: token verification, own and external, agrees with itself.
 //! - [`ws_messages`] / [`encode_ws_messages`]: the input format of `ws_dispatch`.
+//! - [`web_call`] / [`encode_web_call`]: the input format of `grpc_web`.
 //!
 //! `examples/seeds.rs` writes the seed corpora with the same keys.
 
@@ -12,7 +13,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use confab_common::auth::{ExternalIssuer, Subject, TokenService};
-use confab_gateway::fuzzing::{self, WsMessage};
+use confab_gateway::fuzzing::{self, WebMethod, WsMessage};
 use confab_proto::v1::ClientFrame;
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
@@ -179,4 +180,39 @@ mod tests {
         let read = ws_messages(&data);
         assert_eq!(format!("{read:?}"), format!("{messages:?}"));
     }
+}
+
+/// Splits one `grpc_web` input: the first byte picks the method (its low two
+/// bits) and the mode (bit 2: base64 text), the rest is the request body.
+pub fn web_call(data: &[u8]) -> Option<(WebMethod, bool, &[u8])> {
+    let (&head, body) = data.split_first()?;
+    let method = WebMethod::ALL[usize::from(head & 3)];
+    Some((method, head & 4 != 0, body))
+}
+
+/// The `grpc_web` input that posts `message` (one gRPC-web frame) to `method`,
+/// base64-encoded when `text`.
+pub fn encode_web_call(method: WebMethod, text: bool, message: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let index = WebMethod::ALL
+        .iter()
+        .position(|m| *m == method)
+        .expect("a known method");
+    let mut frame = vec![0];
+    frame.extend_from_slice(
+        &u32::try_from(message.len())
+            .expect("a small message")
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(message);
+    let body = if text {
+        base64::engine::general_purpose::STANDARD
+            .encode(frame)
+            .into_bytes()
+    } else {
+        frame
+    };
+    let mut input = vec![u8::try_from(index).expect("four methods") | (u8::from(text) << 2)];
+    input.extend(body);
+    input
 }

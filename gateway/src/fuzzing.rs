@@ -1,6 +1,7 @@
 //! Entry points for the fuzz targets in `fuzz/` and the benchmarks in
 //! `benches/`, and for nothing else: hidden from the docs, not an API, free to
-//! change with the decoders they reach.
+//! change with the decoders they reach. [`GrpcWebCalls`] runs gRPC-web request
+//! bodies through the edge's real router.
 //!
 //! Each one runs the code a live connection runs on what the network hands
 //! it, without a socket: [`WsConnection::dispatch`] is the WebSocket
@@ -150,6 +151,173 @@ impl WsConnection {
     }
 }
 
+/// The gRPC-web call a browser makes, in the edge's real router (CORS, the
+/// gRPC-web translation, tonic's deframing and decode limits, the service),
+/// without a socket. The services behind the edge answer UNAVAILABLE to
+/// everything: what is fuzzed is the way from request bytes to a handler.
+#[derive(Debug)]
+pub struct GrpcWebCalls {
+    runtime: tokio::runtime::Runtime,
+    router: axum::Router,
+}
+
+/// The calls [`GrpcWebCalls`] can make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebMethod {
+    /// `Edge.Subscribe` (a server stream).
+    Subscribe,
+    /// `Edge.Submit`.
+    Submit,
+    /// `Accounts.Register` (no token needed: reaches the service).
+    Register,
+    /// `Conversations.Send`.
+    Send,
+}
+
+impl WebMethod {
+    /// Every method, for a fuzzer to pick from.
+    pub const ALL: [Self; 4] = [Self::Subscribe, Self::Submit, Self::Register, Self::Send];
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Subscribe => "/confab.v1.Edge/Subscribe",
+            Self::Submit => "/confab.v1.Edge/Submit",
+            Self::Register => "/confab.v1.Accounts/Register",
+            Self::Send => "/confab.v1.Conversations/Send",
+        }
+    }
+}
+
+/// What came back from one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebAnswer {
+    /// The HTTP status.
+    pub status: u16,
+    /// `grpc-status` of a trailers-only answer (in the HTTP headers).
+    pub header_status: Option<String>,
+    /// The response body: gRPC-web frames, base64 in the text mode.
+    pub body: Vec<u8>,
+}
+
+impl WebAnswer {
+    /// The call's `grpc-status` in the binary mode: from the headers of a
+    /// trailers-only answer, or from the body's trailers frame.
+    pub fn grpc_status(&self) -> Option<String> {
+        if let Some(status) = &self.header_status {
+            return Some(status.clone());
+        }
+        let text = String::from_utf8_lossy(&self.body);
+        let (_, rest) = text.split_once("grpc-status:")?;
+        Some(rest.chars().take_while(char::is_ascii_digit).collect())
+    }
+}
+
+impl Default for GrpcWebCalls {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GrpcWebCalls {
+    /// Builds the router with the default limits.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the runtime or the router cannot be built.
+    pub fn new() -> Self {
+        use confab_common::channel::{GrpcChannel, in_process};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let router = runtime.block_on(async {
+            let unavailable = || -> GrpcChannel {
+                in_process(tower::service_fn(
+                    |_: http::Request<tonic::body::Body>| async {
+                        let status = tonic::Status::unavailable("no services behind this edge");
+                        Ok::<_, std::convert::Infallible>(status.into_http())
+                    },
+                ))
+            };
+            let config = crate::GatewayConfig::default();
+            let gateway = crate::Gateway {
+                tokens: confab_common::auth::TokenService::new(
+                    b"fuzzing",
+                    std::time::Duration::from_secs(60),
+                    std::time::Duration::from_secs(60),
+                )
+                .expect("a token service"),
+                groups: confab_proto::group::v1::groups_client::GroupsClient::new(unavailable()),
+                messages: confab_proto::message::v1::messages_client::MessagesClient::new(
+                    unavailable(),
+                ),
+                sessions: confab_proto::session::v1::sessions_client::SessionsClient::new(
+                    unavailable(),
+                ),
+                presence: confab_proto::presence::v1::presences_client::PresencesClient::new(
+                    unavailable(),
+                ),
+                hub: std::sync::Arc::new(crate::Hub::new()),
+                metrics: None,
+                config,
+            };
+            let limits = std::sync::Arc::new(crate::limits::Limits::new(&gateway.config));
+            let (router, _health) = crate::http::router(
+                std::sync::Arc::new(gateway),
+                limits,
+                tokio_util::sync::CancellationToken::new(),
+                tokio_util::task::TaskTracker::new(),
+            )
+            .expect("the router");
+            router
+        });
+        Self { runtime, router }
+    }
+
+    /// Posts `body` to `method` as a browser does, in the text mode (base64)
+    /// or binary, and reads the whole answer.
+    ///
+    /// # Panics
+    ///
+    /// Panics when the request cannot be built or the answer cannot be read:
+    /// the router must answer every body.
+    pub fn call(&self, method: WebMethod, text: bool, body: &[u8]) -> WebAnswer {
+        use tower::ServiceExt as _;
+        let content_type = if text {
+            "application/grpc-web-text"
+        } else {
+            "application/grpc-web+proto"
+        };
+        let request = http::Request::post(method.path())
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header("x-grpc-web", "1")
+            .body(axum::body::Body::from(body.to_vec()))
+            .expect("a request");
+        self.runtime.block_on(async {
+            let response = self
+                .router
+                .clone()
+                .oneshot(request)
+                .await
+                .expect("the router is infallible");
+            let status = response.status().as_u16();
+            let header_status = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .expect("the answer is readable");
+            WebAnswer {
+                status,
+                header_status,
+                body: body.to_vec(),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use confab_proto::v1::{Ping, client_frame};
@@ -192,5 +360,41 @@ mod tests {
             connection.dispatch(WsMessage::Close),
             Dispatched::Close
         ));
+    }
+
+    /// gRPC-web bodies reach the handlers through the real router: a
+    /// well-formed call gets the services' answer, broken ones a gRPC error,
+    /// never an HTTP failure.
+    #[test]
+    fn grpc_web_calls_reach_the_handlers() {
+        use confab_proto::v1::RegisterRequest;
+        let calls = GrpcWebCalls::new();
+        let register = RegisterRequest {
+            username: "webby".into(),
+            password: "long enough password".into(),
+        }
+        .encode_to_vec();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(register.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&register);
+        // Reached group-svc, which is not there.
+        let answer = calls.call(WebMethod::Register, false, &framed);
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.grpc_status().as_deref(), Some("14"), "{answer:?}");
+        // No token.
+        let answer = calls.call(WebMethod::Subscribe, false, &[0, 0, 0, 0, 0]);
+        assert_eq!(answer.grpc_status().as_deref(), Some("16"), "{answer:?}");
+        // A length prefix over the limit.
+        let answer = calls.call(WebMethod::Submit, false, &[0, 0x7f, 0, 0, 0]);
+        assert_eq!(answer.grpc_status().as_deref(), Some("11"), "{answer:?}");
+        // Not base64, a truncated frame, an empty body.
+        for (text, body) in [
+            (true, &b"!!!!"[..]),
+            (false, &[0, 0, 0][..]),
+            (true, &[][..]),
+        ] {
+            let answer = calls.call(WebMethod::Send, text, body);
+            assert_eq!(answer.status, 200, "{answer:?}");
+        }
     }
 }

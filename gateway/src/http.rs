@@ -1,10 +1,14 @@
-//! The one router behind the listener: native gRPC (h2c), WebSocket, `/metrics`
-//! and `/healthz`.
+//! The one router behind the listener: native gRPC (h2c), gRPC-web (HTTP/1.1
+//! or h2c, binary or base64 text, with CORS for the allowed origins),
+//! WebSocket, `/metrics` and `/healthz`.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use confab_proto::v1::accounts_server::AccountsServer;
 use confab_proto::v1::conversations_server::ConversationsServer;
@@ -12,6 +16,7 @@ use confab_proto::v1::edge_server::EdgeServer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::server::HealthReporter;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::grpc::EdgeApi;
 use crate::limits::Limits;
@@ -86,7 +91,15 @@ pub(crate) fn router(
     )
     .add_service(health_service)
     .add_service(reflection)
-    .into_axum_router();
+    .into_axum_router()
+    // Browsers: gRPC-web (binary and text) over HTTP/1.1 or HTTP/2, to the same
+    // services with the same limits; native gRPC passes through untouched.
+    .layer(tonic_web::GrpcWebLayer::new())
+    .layer(cors())
+    .layer(axum::middleware::from_fn_with_state(
+        limits.clone(),
+        allowed_origin,
+    ));
     let state = AppState {
         gateway,
         closing,
@@ -99,6 +112,42 @@ pub(crate) fn router(
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state);
     Ok((grpc.merge(http), Health(reporter)))
+}
+
+/// The CORS answer of the gRPC services, for browsers calling from the app's
+/// own origin: every origin that reaches it passed [`allowed_origin`].
+fn cors() -> CorsLayer {
+    use axum::http::{HeaderName, Method, header};
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::mirror_request())
+        .allow_methods([Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-grpc-web"),
+            HeaderName::from_static("x-user-agent"),
+            HeaderName::from_static("grpc-timeout"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("grpc-status"),
+            HeaderName::from_static("grpc-message"),
+            HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(std::time::Duration::from_secs(24 * 3600))
+}
+
+/// Refuses a browser request (preflight or call) from an origin not on the
+/// allow-list with 403 before any work; native clients send no `Origin`.
+async fn allowed_origin(
+    State(limits): State<Arc<Limits>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if limits.origin_header_allowed(request.headers().get(axum::http::header::ORIGIN)) {
+        next.run(request).await
+    } else {
+        (StatusCode::FORBIDDEN, "origin not allowed").into_response()
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> String {

@@ -79,9 +79,10 @@ pub struct GatewayConfig {
     pub creations_per_minute: u32,
     /// Users one user may add to conversations per minute.
     pub invitations_per_minute: u32,
-    /// Browser origins allowed to open a WebSocket; `*` allows any. Upgrades
-    /// without an `Origin` (native clients) always pass.
-    pub ws_allowed_origins: Vec<String>,
+    /// Browser origins allowed to open a WebSocket or call through gRPC-web;
+    /// `*` allows any. Requests without an `Origin` (native clients) always
+    /// pass.
+    pub allowed_origins: Vec<String>,
     /// A WebSocket from which nothing (no frame, no pong) arrived for this long
     /// is closed; the server pings after half of it. An h2c connection is
     /// pinged after half of it too, and closed when the ping goes unanswered
@@ -109,7 +110,7 @@ impl Default for GatewayConfig {
             login_failures_per_minute: 10,
             creations_per_minute: 30,
             invitations_per_minute: 300,
-            ws_allowed_origins: vec!["*".to_owned()],
+            allowed_origins: vec!["*".to_owned()],
             ws_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(10),
         }

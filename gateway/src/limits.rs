@@ -45,7 +45,8 @@ pub(crate) enum Refusal {
     ConnectionsPerAddress,
     /// A connection beyond the user's maximum.
     ConnectionsPerUser,
-    /// A WebSocket upgrade from a browser origin not on the allow-list.
+    /// A WebSocket upgrade or gRPC-web call from a browser origin not on the
+    /// allow-list.
     Origin,
     /// A client frame beyond the size limit.
     FrameSize,
@@ -97,7 +98,8 @@ pub(crate) struct Limits {
     max_per_address: usize,
     /// Most live connections of one user on this node.
     pub(crate) max_per_user: usize,
-    /// Browser origins allowed to open a WebSocket; `None` allows any.
+    /// Browser origins allowed to open a WebSocket or call through gRPC-web;
+    /// `None` allows any.
     allowed_origins: Option<Vec<String>>,
 }
 
@@ -108,12 +110,12 @@ impl Limits {
         let sends = Quota::per_second(at_least_one(config.send_per_second))
             .allow_burst(at_least_one(config.send_burst));
         let allowed_origins = config
-            .ws_allowed_origins
+            .allowed_origins
             .iter()
             .all(|origin| origin != "*")
             .then(|| {
                 config
-                    .ws_allowed_origins
+                    .allowed_origins
                     .iter()
                     .map(|o| normalise(o))
                     .collect()
@@ -233,7 +235,22 @@ impl Limits {
         })
     }
 
-    /// Returns whether a browser page of `origin` may open a WebSocket.
+    /// Returns whether a request with this `Origin` header may go on: native
+    /// clients send none; a browser's must be on the allow-list (a refusal is
+    /// counted).
+    pub(crate) fn origin_header_allowed(&self, origin: Option<&http::HeaderValue>) -> bool {
+        match origin.map(http::HeaderValue::to_str) {
+            None => true,
+            Some(Ok(origin)) => self.origin_allowed(origin),
+            Some(Err(_)) => {
+                Refusal::Origin.count();
+                false
+            }
+        }
+    }
+
+    /// Returns whether a browser page of `origin` may open a WebSocket or call
+    /// through gRPC-web; counts a refusal.
     pub(crate) fn origin_allowed(&self, origin: &str) -> bool {
         let Some(allowed) = &self.allowed_origins else {
             return true;
@@ -425,7 +442,7 @@ mod tests {
     fn origins() {
         assert!(limits(GatewayConfig::default()).origin_allowed("https://evil.example"));
         let l = limits(GatewayConfig {
-            ws_allowed_origins: vec!["https://chat.example".to_owned()],
+            allowed_origins: vec!["https://chat.example".to_owned()],
             ..GatewayConfig::default()
         });
         assert!(l.origin_allowed("https://Chat.example/"));

@@ -51,18 +51,11 @@ pub(crate) async fn upgrade(
 ) -> Response {
     // A page of another site must not ride on the user's cookies or network
     // position; native clients send no Origin.
-    let origin = headers.get(axum::http::header::ORIGIN);
-    if let Some(origin) = origin {
-        let allowed = match origin.to_str() {
-            Ok(origin) => state.limits.origin_allowed(origin),
-            Err(_) => {
-                Refusal::Origin.count();
-                false
-            }
-        };
-        if !allowed {
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-        }
+    if !state
+        .limits
+        .origin_header_allowed(headers.get(axum::http::header::ORIGIN))
+    {
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
     }
     let Some(slot) = state.limits.connection_slot(peer.ip()) else {
         return (

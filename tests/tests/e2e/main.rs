@@ -27,6 +27,7 @@ mod auth;
 mod channels;
 mod cli;
 mod groups;
+mod grpc_web;
 mod history;
 mod messaging;
 mod presence;

@@ -308,7 +308,7 @@ async fn creation_and_invitation_floods_are_limited() -> Result<()> {
 #[tokio::test]
 async fn foreign_origin_websocket_is_refused() -> Result<()> {
     let server = Server::start_with(&[
-        "--ws-allowed-origins",
+        "--allowed-origins",
         "https://chat.example,https://app.example",
     ])
     .await?;

@@ -360,7 +360,7 @@ async fn refusals_are_counted_in_metrics() -> Result<()> {
     let server = Server::start_with(&[
         "--header-read-timeout-secs",
         "1",
-        "--ws-allowed-origins",
+        "--allowed-origins",
         "https://chat.example",
         "--max-text-bytes",
         "1024",
