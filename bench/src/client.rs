@@ -68,7 +68,17 @@ pub(crate) async fn open(
     server: &str,
     token: &str,
 ) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
-    let (out, mut inbound) = connect(server, token, "bench", 0).await?;
+    let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    open_on(channel, token).await
+}
+
+/// Opens a live connection on `channel` (a TCP connection of its own) and waits
+/// until its catch-up is complete.
+pub(crate) async fn open_on(
+    channel: Channel,
+    token: &str,
+) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
+    let (out, mut inbound) = stream_on(channel, token, "bench", 0).await?;
     loop {
         let frame = inbound.next().await.context("stream ended before sync")??;
         if let Some(server_frame::Kind::Synced(_)) = frame.kind {
@@ -86,6 +96,16 @@ pub(crate) async fn connect(
     cursor: u64,
 ) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
     let channel = Channel::from_shared(server.to_owned())?.connect().await?;
+    stream_on(channel, token, device_id, cursor).await
+}
+
+/// Starts `Edge.Stream` on `channel` with the `Hello` of `device_id` and `cursor`.
+async fn stream_on(
+    channel: Channel,
+    token: &str,
+    device_id: &str,
+    cursor: u64,
+) -> anyhow::Result<(mpsc::Sender<ClientFrame>, Inbound)> {
     let (out, frames) = mpsc::channel(1024);
     out.send(ClientFrame {
         r#ref: 0,

@@ -7,8 +7,8 @@
 //! - [`history`]: pages of the newest 50 messages of a long conversation.
 //! - [`reconnect`]: every receiver drops at once and resumes from its cursor
 //!   while traffic goes on.
-//! - [`connections`]: many idle, heartbeating connections; the server's memory
-//!   per connection.
+//! - [`connections`]: many idle, heartbeating connections (gRPC or WebSocket,
+//!   held by worker processes); the server's memory per connection.
 //! - [`client`]: live connections, external-token users, and the servers
 //!   (`--server` may name several gateways of one cluster).
 //! - [`report`]: the JSON result and Markdown report every run writes.
@@ -63,6 +63,9 @@ enum Scenario {
     Reconnect(reconnect::Args),
     /// Idle authenticated connections held with heartbeats: memory per connection.
     Connections(connections::Args),
+    /// Not a scenario: one worker process of `connections --workers`, started by it.
+    #[command(name = connections::worker::SUBCOMMAND, hide = true)]
+    ConnectionsWorker(connections::worker::WorkerArgs),
     /// Not a scenario: writes `summary.md` (machine, one row per run, charts)
     /// from the results already in `--out`.
     Summary,
@@ -79,6 +82,16 @@ async fn main() -> anyhow::Result<()> {
         Scenario::History(args) => history::run(server, args).await?,
         Scenario::Reconnect(args) => reconnect::run(server, args).await?,
         Scenario::Connections(args) => connections::run(server, args).await?,
+        Scenario::ConnectionsWorker(args) => {
+            if let Err(error) = connections::worker::run(server, args).await {
+                // In one write, so that the errors of several workers (on the
+                // parent's stderr) do not interleave.
+                let line = format!("Error: {error:#}\n");
+                let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
         Scenario::Summary => {
             let path = suite::write(&cli.out)?;
             println!("{}", std::fs::read_to_string(&path)?);
@@ -110,6 +123,39 @@ mod tests {
     fn servers(args: &[&str]) -> Vec<String> {
         let cli = Cli::try_parse_from(["confab-bench"].iter().chain(args)).unwrap();
         cli.server
+    }
+
+    #[test]
+    fn the_connections_worker_is_a_hidden_subcommand() {
+        use clap::CommandFactory as _;
+        let cli = Cli::try_parse_from([
+            "confab-bench",
+            "--server",
+            "http://a:1,http://b:2",
+            connections::worker::SUBCOMMAND,
+            "--worker",
+            "1",
+            "--first",
+            "3",
+            "--connections",
+            "3",
+            "--run-id",
+            "42",
+            "--transport",
+            "ws",
+            "--heartbeat",
+            "5",
+            "--concurrency",
+            "32",
+            "--external-secret",
+            "s",
+        ])
+        .unwrap();
+        assert!(matches!(cli.scenario, Scenario::ConnectionsWorker(_)));
+        assert_eq!(cli.server, ["http://a:1", "http://b:2"]);
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("connections"), "{help}");
+        assert!(!help.contains(connections::worker::SUBCOMMAND), "{help}");
     }
 
     #[test]

@@ -101,6 +101,17 @@ fn axis_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (low, high + (high - low) * 0.08)
 }
 
+/// Returns the room to add above a linear axis's range, as a share of it, so
+/// that a legend at the top (a row per series) sits above the lines.
+fn legend_room(legend: &SeriesLabelPosition, series: usize) -> f64 {
+    match legend {
+        SeriesLabelPosition::UpperLeft
+        | SeriesLabelPosition::UpperMiddle
+        | SeriesLabelPosition::UpperRight => 0.07 * series as f64,
+        _ => 0.0,
+    }
+}
+
 impl Chart {
     /// Draws the chart as a PNG at `path`.
     ///
@@ -172,6 +183,7 @@ impl Chart {
             finish!(builder.build_cartesian_2d(x_low..x_high, (y_low..y_high).log_scale()));
         } else {
             let (y_low, y_high) = axis_range(points().map(|&(_, y)| y));
+            let y_high = y_high + legend_room(&self.legend, self.series.len()) * (y_high - y_low);
             finish!(builder.build_cartesian_2d(x_low..x_high, y_low..y_high));
         }
         root.present().map_err(|e| failed(&e))?;
@@ -240,6 +252,12 @@ mod tests {
     fn a_log_axis_leaves_a_factor_of_two_around_the_positive_values() {
         assert_eq!(log_range([0.0, 1.0, 100.0].into_iter()), (0.5, 200.0));
         assert_eq!(log_range(std::iter::empty()), (0.1, 10.0));
+    }
+
+    #[test]
+    fn a_legend_at_the_top_gets_room_by_its_rows() {
+        assert_eq!(legend_room(&SeriesLabelPosition::MiddleRight, 4), 0.0);
+        assert!((legend_room(&SeriesLabelPosition::UpperRight, 4) - 0.28).abs() < 1e-9);
     }
 
     #[test]

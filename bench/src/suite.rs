@@ -79,36 +79,50 @@ pub(crate) fn latency_chart(runs: &[Value]) -> Option<Chart> {
     })
 }
 
+/// Returns the transport of a connections run (`grpc` for runs from before
+/// `--transport`).
+fn transport(run: &Value) -> &str {
+    run["figures"]["transport"].as_str().unwrap_or("grpc")
+}
+
 /// Returns the connections chart: server and kernel memory per idle connection
-/// (KiB) against the number of connections; `None` without connections runs
-/// that read the server's memory.
+/// (KiB) against the number of connections, one pair of series per transport;
+/// `None` without connections runs that read the server's memory.
 pub(crate) fn memory_chart(runs: &[Value]) -> Option<Chart> {
-    let per_connection = |field: &'static str| {
+    let mut transports: Vec<&str> = of(runs, "connections").map(transport).collect();
+    transports.sort_unstable();
+    transports.dedup();
+    let per_connection = |transport_name: &str, field: &'static str| {
         of(runs, "connections")
-            .filter_map(move |run| {
+            .filter(|run| transport(run) == transport_name)
+            .filter_map(|run| {
                 let connections = number(&run["figures"]["connections"])?;
                 let bytes = number(&run["figures"][field])?;
                 Some((connections, bytes / 1024.0))
             })
             .collect::<Vec<_>>()
     };
-    let series = vec![
-        Series {
-            name: "server RSS per connection".into(),
-            points: per_connection("server_bytes_per_connection"),
-        },
-        Series {
-            name: "kernel TCP per connection (both ends)".into(),
-            points: per_connection("kernel_bytes_per_connection"),
-        },
-    ];
-    (!series[0].points.is_empty()).then(|| Chart {
+    let mut series = Vec::new();
+    for name in &transports {
+        series.push(Series {
+            name: format!("{name}: server RSS"),
+            points: per_connection(name, "server_bytes_per_connection"),
+        });
+    }
+    let any_server = series.iter().any(|s| !s.points.is_empty());
+    for name in &transports {
+        series.push(Series {
+            name: format!("{name}: kernel TCP (both ends)"),
+            points: per_connection(name, "kernel_bytes_per_connection"),
+        });
+    }
+    any_server.then(|| Chart {
         title: "connections: memory per idle connection".into(),
         x_label: "idle connections".into(),
         y_label: "KiB per connection".into(),
         series,
         log_y: false,
-        legend: SeriesLabelPosition::MiddleRight,
+        legend: SeriesLabelPosition::UpperRight,
     })
 }
 
@@ -205,8 +219,14 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
         ),
         "connections" => (
             format!(
-                "{} idle connections, heartbeat {} s",
-                p["connections"], p["heartbeat"]
+                "{} idle {} connections{}, heartbeat {} s",
+                p["connections"],
+                transport(run),
+                match f["workers"].as_u64() {
+                    Some(workers) if workers > 1 => format!(" from {workers} processes"),
+                    _ => String::new(),
+                },
+                p["heartbeat"]
             ),
             format!(
                 "{} connects/s; server {} B/conn, kernel TCP {} B/conn; idle CPU {} %",
@@ -338,6 +358,59 @@ mod tests {
         );
         assert!(chart.series[1].points.is_empty());
         assert!(memory_chart(&[one_to_one(1, 500, 1.0, 2.0)]).is_none());
+    }
+
+    /// A connections run of `--transport` and `--workers`.
+    fn connections_over(at: u64, n: u64, bytes: f64, transport: &str, workers: u64) -> Value {
+        let mut run = connections(at, n, bytes);
+        run["parameters"]["transport"] = json!(transport);
+        run["figures"]["transport"] = json!(transport);
+        run["figures"]["workers"] = json!(workers);
+        run["figures"]["kernel_bytes_per_connection"] = json!(1024.0);
+        run
+    }
+
+    #[test]
+    fn the_memory_chart_has_series_per_transport() {
+        let runs = [
+            connections(1, 1_000, 10_240.0),
+            connections_over(2, 1_000, 5_120.0, "ws", 1),
+            connections_over(3, 4_000, 8_192.0, "grpc", 1),
+            connections_over(4, 12_000, 4_096.0, "ws", 2),
+        ];
+        let chart = memory_chart(&runs).unwrap();
+        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "grpc: server RSS",
+                "ws: server RSS",
+                "grpc: kernel TCP (both ends)",
+                "ws: kernel TCP (both ends)",
+            ]
+        );
+        assert_eq!(
+            chart.series[0].points,
+            vec![(1_000.0, 10.0), (4_000.0, 8.0)]
+        );
+        assert_eq!(
+            chart.series[1].points,
+            vec![(1_000.0, 5.0), (12_000.0, 4.0)]
+        );
+        assert_eq!(chart.series[2].points, vec![(4_000.0, 1.0)]);
+    }
+
+    #[test]
+    fn a_connections_row_names_its_transport_and_workers() {
+        let [_, asked, _] = row(&connections(1, 1_000, 9_000.0));
+        assert_eq!(asked, "1000 idle grpc connections, heartbeat 5 s");
+        let [_, asked, _] = row(&connections_over(2, 1_000, 9_000.0, "ws", 1));
+        assert_eq!(asked, "1000 idle ws connections, heartbeat 5 s");
+        let [_, asked, _] = row(&connections_over(3, 12_000, 9_000.0, "ws", 2));
+        assert_eq!(
+            asked,
+            "12000 idle ws connections from 2 processes, heartbeat 5 s"
+        );
     }
 
     #[test]

@@ -183,26 +183,29 @@ async fn reconnect_misses_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Pins that `connections` holds its connections and reads the server's memory.
-#[tokio::test]
-async fn connections_report_memory_per_connection() -> Result<()> {
+/// Runs `connections` over `transport` from `workers` processes against a
+/// fresh server and returns its figures, checked for what every run reports.
+async fn connections(transport: &str, workers: usize, n: usize) -> Result<serde_json::Value> {
     let server = server().await?;
     let pid = server_pid(&server.data_dir()).context("server process not found")?;
-    let result = run_bench(
-        &server,
-        "connections",
-        &[
-            "--connections",
-            "5",
-            "--hold",
-            "1",
-            "--server-pid",
-            &pid.to_string(),
-        ],
-    )
-    .await?;
-    let figures = &result["figures"];
-    assert_eq!(figures["connections"], 5, "{result}");
+    let (workers_arg, n_arg, pid_arg) = (workers.to_string(), n.to_string(), pid.to_string());
+    let args = [
+        "--transport",
+        transport,
+        "--workers",
+        &workers_arg,
+        "--connections",
+        &n_arg,
+        "--hold",
+        "1",
+        "--server-pid",
+        &pid_arg,
+    ];
+    let result = run_bench(&server, "connections", &args).await?;
+    let figures = result["figures"].clone();
+    assert_eq!(figures["connections"], n, "{result}");
+    assert_eq!(figures["transport"], transport, "{result}");
+    assert_eq!(figures["workers"], workers, "{result}");
     assert!(
         figures["connect_per_s"].as_f64().unwrap_or(0.0) > 0.0,
         "{result}"
@@ -215,5 +218,22 @@ async fn connections_report_memory_per_connection() -> Result<()> {
         figures["server_bytes_per_connection"].as_f64().is_some(),
         "{result}"
     );
+    Ok(figures)
+}
+
+/// Pins that `connections` holds its connections and reads the server's memory.
+#[tokio::test]
+async fn connections_report_memory_per_connection() -> Result<()> {
+    connections("grpc", 1, 5).await?;
+    Ok(())
+}
+
+/// Pins that `connections --transport ws --workers 2` holds its connections in
+/// two worker processes, each connection from its own source address.
+#[tokio::test]
+async fn connections_over_websockets_from_two_workers() -> Result<()> {
+    let figures = connections("ws", 2, 6).await?;
+    // The server listens on 127.0.0.1: every connection has its own source.
+    assert_eq!(figures["source_addresses"], 6, "{figures}");
     Ok(())
 }
