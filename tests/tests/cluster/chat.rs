@@ -207,3 +207,154 @@ async fn members_only(cluster: &Cluster) -> Result<()> {
     );
     Ok(())
 }
+
+/// A browser on gRPC-web (`Edge.Subscribe` plus one `Edge.Submit` per frame,
+/// over HTTP/1.1) on gateway 0 chats with an app on native gRPC on gateway 1:
+/// the browser's send is acknowledged by its `Submit` and reaches the app, the
+/// reply reaches the browser's subscription, the browser's delivered and read
+/// marks reach the app as receipts; a `Submit` for the browser's device sent to
+/// the other gateway is refused with FAILED_PRECONDITION and stores nothing,
+/// and history on either gateway holds exactly the two messages.
+#[tokio::test]
+async fn browser_on_grpc_web_chats_across_gateways() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start().await?;
+    let outcome = browser_across_gateways(&cluster).await;
+    cluster.with_logs(outcome)
+}
+
+async fn browser_across_gateways(cluster: &Cluster) -> Result<()> {
+    use confab_proto::v1::{
+        ClientFrame, ReadState, Receipt, SendMessage, SubmitRequest, client_frame,
+    };
+    use confab_tests::grpc_web::web_edge;
+
+    const BROWSER: &str = "alice-browser";
+    let (gw0, gw1) = (cluster.gateway(0), cluster.gateway(1));
+    let alice = gw0.register("alice").await?;
+    let bob = gw1.register("bob").await?;
+    let direct = gw0.open_direct(&alice, &bob).await?;
+    let (mut browser, synced) = gw0.grpc_web_synced(&alice, BROWSER, 0).await?;
+    ensure!(
+        synced.welcome.user_id == alice.id() && synced.welcome.device_id == BROWSER,
+        "the browser's welcome: {:?}",
+        synced.welcome
+    );
+    let (mut bob_grpc, _) = gw1.grpc_synced(&bob, "bob-phone", 0).await?;
+
+    // The browser's send: its Submit answers with the ack, the message goes
+    // to bob on the other gateway and to the browser's own subscription.
+    let hello = browser.send(direct, "web-1", "hi from a browser").await?;
+    ensure!(
+        !hello.duplicate && hello.conversation_id == direct,
+        "the browser's ack: {hello:?}"
+    );
+    let got = next_chat(&mut bob_grpc).await?;
+    ensure!(
+        got.id == hello.message_id
+            && got.sender_id == alice.id()
+            && got.text == "hi from a browser",
+        "bob got {got:?}"
+    );
+    let own = next_chat(&mut browser).await?;
+    ensure!(
+        own.id == hello.message_id,
+        "the browser's own copy: {own:?}"
+    );
+
+    // Bob's reply comes on the browser's subscription.
+    let reply = bob_grpc.send(direct, "b-1", "hi from an app").await?;
+    let got = next_chat(&mut browser).await?;
+    ensure!(
+        got.id == reply.message_id && got.sender_id == bob.id() && got.text == "hi from an app",
+        "the browser got {got:?}"
+    );
+    let own = next_chat(&mut bob_grpc).await?;
+    ensure!(own.id == reply.message_id, "bob's own copy: {own:?}");
+    ensure!(
+        reply.message_id > hello.message_id,
+        "ids follow the order of the log"
+    );
+
+    // The browser's marks, each a Submit answered `done`, reach bob as receipts;
+    // the read state comes back on the browser's own subscription.
+    browser.delivered(direct, reply.message_id).await?;
+    let (_, delivered) = bob_grpc.next_receipt().await?;
+    let expected = Receipt {
+        conversation_id: direct,
+        user_id: alice.id(),
+        delivered_up_to: reply.message_id,
+        read_up_to: 0,
+    };
+    ensure!(
+        delivered == expected,
+        "bob's delivered receipt: {delivered:?}"
+    );
+    browser.mark_read(direct, reply.message_id).await?;
+    let (_, read) = bob_grpc.next_receipt().await?;
+    let expected = Receipt {
+        read_up_to: reply.message_id,
+        ..expected
+    };
+    ensure!(read == expected, "bob's read receipt: {read:?}");
+    let (_, state) = browser.next_read_state().await?;
+    let expected = ReadState {
+        conversation_id: direct,
+        read_up_to: reply.message_id,
+        unread_count: 0,
+    };
+    ensure!(state == expected, "the browser's read state: {state:?}");
+
+    // A Submit for the browser's device on the gateway that does not hold its
+    // subscription: refused, with a token good on every gateway.
+    let mut wrong_gateway = web_edge(gw1, Some(&alice.access_token))?;
+    let stray = SubmitRequest {
+        device_id: BROWSER.to_owned(),
+        frame: Some(ClientFrame {
+            r#ref: 99,
+            kind: Some(client_frame::Kind::Send(SendMessage {
+                conversation_id: direct,
+                client_msg_id: "web-stray".to_owned(),
+                text: "through the wrong gateway".to_owned(),
+            })),
+        }),
+    };
+    match wrong_gateway.submit(stray).await {
+        Ok(answer) => {
+            anyhow::bail!("gateway 1 answered a submit for gateway 0's browser: {answer:?}")
+        }
+        Err(status) => ensure!(
+            status.code() == tonic::Code::FailedPrecondition,
+            "a submit on the wrong gateway: {status:?}"
+        ),
+    }
+    // Nothing of it went anywhere; the browser's subscription goes on.
+    bob_grpc
+        .expect_quiet(1)
+        .await
+        .context("nothing reaches bob from the refused submit")?;
+    browser
+        .expect_quiet(2)
+        .await
+        .context("the browser's subscription after the refusal")?;
+
+    for (index, gateway) in [(0, gw0), (1, gw1)] {
+        for (who, account) in [("alice", &alice), ("bob", &bob)] {
+            let history = gateway.history(account, direct, 0, 0, 50).await?;
+            let stored: Vec<(i64, i64, &str)> = history
+                .messages
+                .iter()
+                .map(|message| (message.id, message.sender_id, message.text.as_str()))
+                .collect();
+            let expected = vec![
+                (reply.message_id, bob.id(), "hi from an app"),
+                (hello.message_id, alice.id(), "hi from a browser"),
+            ];
+            ensure!(
+                stored == expected,
+                "{who}'s history on gateway {index}: {stored:?}"
+            );
+        }
+    }
+    Ok(())
+}
