@@ -231,6 +231,11 @@ impl AsyncRead for Prefixed {
         let n = this.prefix.len().min(buf.remaining());
         buf.put_slice(&this.prefix[..n]);
         this.prefix.advance(n);
+        if this.prefix.is_empty() {
+            // Frees the read's buffer: an upgraded WebSocket keeps this
+            // wrapper for its whole life.
+            this.prefix = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

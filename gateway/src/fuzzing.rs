@@ -151,6 +151,39 @@ impl WsConnection {
     }
 }
 
+/// Returns a gateway with the default limits whose services behind it answer
+/// UNAVAILABLE to every call: what runs is the edge alone.
+///
+/// # Panics
+///
+/// Never, with its fixed secret.
+pub fn offline_gateway() -> crate::Gateway {
+    use confab_common::channel::{GrpcChannel, in_process};
+    let unavailable = || -> GrpcChannel {
+        in_process(tower::service_fn(
+            |_: http::Request<tonic::body::Body>| async {
+                let status = tonic::Status::unavailable("no services behind this edge");
+                Ok::<_, std::convert::Infallible>(status.into_http())
+            },
+        ))
+    };
+    crate::Gateway {
+        tokens: confab_common::auth::TokenService::new(
+            b"offline",
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(60),
+        )
+        .expect("a token service"),
+        groups: confab_proto::group::v1::groups_client::GroupsClient::new(unavailable()),
+        messages: confab_proto::message::v1::messages_client::MessagesClient::new(unavailable()),
+        sessions: confab_proto::session::v1::sessions_client::SessionsClient::new(unavailable()),
+        presence: confab_proto::presence::v1::presences_client::PresencesClient::new(unavailable()),
+        hub: std::sync::Arc::new(crate::Hub::new()),
+        metrics: None,
+        config: crate::GatewayConfig::default(),
+    }
+}
+
 /// The gRPC-web call a browser makes, in the edge's real router (CORS, the
 /// gRPC-web translation, tonic's deframing and decode limits, the service),
 /// without a socket. The services behind the edge answer UNAVAILABLE to
@@ -225,42 +258,12 @@ impl GrpcWebCalls {
     ///
     /// Panics when the runtime or the router cannot be built.
     pub fn new() -> Self {
-        use confab_common::channel::{GrpcChannel, in_process};
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime");
         let router = runtime.block_on(async {
-            let unavailable = || -> GrpcChannel {
-                in_process(tower::service_fn(
-                    |_: http::Request<tonic::body::Body>| async {
-                        let status = tonic::Status::unavailable("no services behind this edge");
-                        Ok::<_, std::convert::Infallible>(status.into_http())
-                    },
-                ))
-            };
-            let config = crate::GatewayConfig::default();
-            let gateway = crate::Gateway {
-                tokens: confab_common::auth::TokenService::new(
-                    b"fuzzing",
-                    std::time::Duration::from_secs(60),
-                    std::time::Duration::from_secs(60),
-                )
-                .expect("a token service"),
-                groups: confab_proto::group::v1::groups_client::GroupsClient::new(unavailable()),
-                messages: confab_proto::message::v1::messages_client::MessagesClient::new(
-                    unavailable(),
-                ),
-                sessions: confab_proto::session::v1::sessions_client::SessionsClient::new(
-                    unavailable(),
-                ),
-                presence: confab_proto::presence::v1::presences_client::PresencesClient::new(
-                    unavailable(),
-                ),
-                hub: std::sync::Arc::new(crate::Hub::new()),
-                metrics: None,
-                config,
-            };
+            let gateway = offline_gateway();
             let limits = std::sync::Arc::new(crate::limits::Limits::new(&gateway.config));
             let (router, _health) = crate::http::router(
                 std::sync::Arc::new(gateway),

@@ -142,7 +142,10 @@ impl Hub {
             issued_at_ms,
         };
         let mut users = self.users.write();
-        let slots = users.entry(user_id).or_default();
+        // Most users hold one connection here: a vector of one, not of four.
+        let slots = users
+            .entry(user_id)
+            .or_insert_with(|| Vec::with_capacity(1));
         let replaced = slots
             .iter()
             .position(|s| s.device_id == device_id)

@@ -114,7 +114,8 @@ impl Tracker {
     /// Starts tracking `user_id` from their stored row, unless tracked already.
     pub(crate) fn load(&mut self, user_id: i64, stored: StoredPresence) {
         self.users.entry(user_id).or_insert(UserState {
-            connections: Vec::new(),
+            // Usually one connection: a vector of one, not of four.
+            connections: Vec::with_capacity(1),
             last_seen_ms: stored.last_seen_ms,
             stored_ms: stored.last_seen_ms,
             written_at: None,

@@ -4,7 +4,7 @@
 //! The distributed mode keeps the devices in NATS KV (`kv`) with the same
 //! semantics, and leases node ids per process (`lease`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use confab_common::ids::MAX_NODES;
 use parking_lot::{Mutex, RwLock};
@@ -32,10 +32,12 @@ struct Connection {
 /// The live devices of every user.
 #[derive(Debug, Default)]
 pub(crate) struct DeviceRegistry {
-    /// User id -> device id -> its current connection. Users without a live device
-    /// have no entry, so the map holds only online users. Devices are ordered, so
-    /// lookups answer in a stable order.
-    users: RwLock<HashMap<i64, BTreeMap<String, Connection>>>,
+    /// User id -> its devices' current connections, ordered by device id, so
+    /// that lookups answer in a stable order. Users without a live device have
+    /// no entry, so the map holds only online users. A user has a few devices:
+    /// a sorted vector sized to them costs a fraction of a map's node (a
+    /// `BTreeMap` leaf is about 600 bytes for one device).
+    users: RwLock<HashMap<i64, Vec<(String, Connection)>>>,
 }
 
 impl DeviceRegistry {
@@ -56,14 +58,20 @@ impl DeviceRegistry {
             connection_id,
         };
         let mut users = self.users.write();
-        let devices = users.entry(device.user_id).or_default();
-        if let Some(old) = devices.insert(device.device_id, connection) {
-            tracing::debug!(
-                user_id = device.user_id,
-                old_node = %old.node,
-                old_connection_id = old.connection_id,
-                "device reconnected; older connection replaced"
-            );
+        let devices = users
+            .entry(device.user_id)
+            .or_insert_with(|| Vec::with_capacity(1));
+        match devices.binary_search_by(|(id, _)| id.as_str().cmp(&device.device_id)) {
+            Ok(at) => {
+                let old = std::mem::replace(&mut devices[at].1, connection);
+                tracing::debug!(
+                    user_id = device.user_id,
+                    old_node = %old.node,
+                    old_connection_id = old.connection_id,
+                    "device reconnected; older connection replaced"
+                );
+            }
+            Err(at) => devices.insert(at, (device.device_id, connection)),
         }
         Ok(())
     }
@@ -86,13 +94,15 @@ impl DeviceRegistry {
         let Some(devices) = users.get_mut(&device.user_id) else {
             return Ok(false);
         };
-        let current = devices.get(&device.device_id);
-        let is_current =
-            current.is_some_and(|c| c.connection_id == connection_id && c.node == device.node);
-        if !is_current {
+        let at = devices.binary_search_by(|(id, _)| id.as_str().cmp(&device.device_id));
+        let current = at.ok().filter(|&at| {
+            let (_, c) = &devices[at];
+            c.connection_id == connection_id && c.node == device.node
+        });
+        let Some(at) = current else {
             return Ok(false);
-        }
-        devices.remove(&device.device_id);
+        };
+        devices.remove(at);
         if devices.is_empty() {
             users.remove(&device.user_id);
         }
