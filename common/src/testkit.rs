@@ -10,6 +10,8 @@
 //!   2.9 cannot create the KV buckets this client needs).
 //! - PostgreSQL: `CONFAB_TEST_POSTGRES_URL` names a server where the tests may
 //!   create databases (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - [`ensure_users`]: the users of the services' tests, created through
+//!   group-svc's client.
 
 #![allow(clippy::missing_panics_doc)]
 
@@ -224,4 +226,23 @@ impl PgDatabase {
             let _ = conn.close().await;
         }
     }
+}
+
+/// Creates (or finds) the users `user0`, `user1`, ... through group-svc's
+/// client and returns their ids in that order: the cast of the services' tests.
+///
+/// # Panics
+///
+/// Panics when group-svc refuses.
+pub async fn ensure_users<const N: usize>(
+    groups: &mut confab_proto::group::v1::groups_client::GroupsClient<crate::channel::GrpcChannel>,
+) -> [i64; N] {
+    let mut ids = [0; N];
+    for (n, id) in ids.iter_mut().enumerate() {
+        let username = format!("user{n}");
+        let request = confab_proto::group::v1::EnsureUserRequest { username };
+        let user = groups.ensure_user(request).await.expect("ensure user");
+        *id = user.into_inner().id;
+    }
+    ids
 }

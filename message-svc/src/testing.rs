@@ -10,8 +10,8 @@ use confab_group_svc::{GroupLimits, GroupService};
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::group::v1::groups_server::GroupsServer;
 use confab_proto::group::v1::{
-    AddMembersRequest, CreateConversationRequest, EnsureUserRequest, JoinRequest, MembershipChange,
-    OpenDirectRequest, RemoveMemberRequest, SetRoleRequest,
+    AddMembersRequest, CreateConversationRequest, JoinRequest, MembershipChange, OpenDirectRequest,
+    RemoveMemberRequest, SetRoleRequest,
 };
 use confab_proto::v1::{ConversationKind, Role};
 use parking_lot::Mutex;
@@ -50,12 +50,7 @@ impl GroupSvc {
             .await
             .expect("open group-svc");
         let mut client = GroupsClient::new(in_process(GroupsServer::new(service)));
-        let mut u = [0; 10];
-        for (n, id) in u.iter_mut().enumerate() {
-            let username = format!("user{n}");
-            let user = client.ensure_user(EnsureUserRequest { username }).await;
-            *id = user.expect("ensure user").into_inner().id;
-        }
+        let u = confab_common::testkit::ensure_users(&mut client).await;
         let direct = OpenDirectRequest {
             user_a: u[1],
             user_b: u[2],

@@ -15,9 +15,7 @@ use confab_common::channel::{GrpcChannel, in_process};
 use confab_group_svc::{GroupLimits, GroupService};
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::group::v1::groups_server::GroupsServer;
-use confab_proto::group::v1::{
-    CreateConversationRequest, EnsureUserRequest, JoinRequest, OpenDirectRequest,
-};
+use confab_proto::group::v1::{CreateConversationRequest, JoinRequest, OpenDirectRequest};
 use confab_proto::v1::event::Kind;
 use confab_proto::v1::{ConversationKind, Presence, TypingState};
 use parking_lot::Mutex;
@@ -121,12 +119,7 @@ impl GroupSvc {
             calls: Arc::clone(&calls),
         };
         let mut client = GroupsClient::new(in_process(bridge));
-        let mut u = [0; 10];
-        for (n, id) in u.iter_mut().enumerate() {
-            let username = format!("user{n}");
-            let user = client.ensure_user(EnsureUserRequest { username }).await;
-            *id = user.expect("ensure user").into_inner().id;
-        }
+        let u = confab_common::testkit::ensure_users(&mut client).await;
         let direct = OpenDirectRequest {
             user_a: u[1],
             user_b: u[2],

@@ -7,7 +7,7 @@ use confab_proto::v1::{
     server_frame,
 };
 use divan::{Bencher, black_box};
-use prost::Message as _;
+use prost::Message;
 
 fn main() {
     divan::main();
@@ -52,37 +52,39 @@ fn server_frame() -> ServerFrame {
 /// Encodes a client `Send` frame into a reused buffer.
 #[divan::bench]
 fn encode_client_send(bencher: Bencher<'_, '_>) {
-    let frame = client_frame();
-    let mut buffer = Vec::with_capacity(512);
-    bencher.bench_local(|| {
-        buffer.clear();
-        black_box(&frame).encode(&mut buffer).unwrap();
-        black_box(buffer.len())
-    });
+    encode(bencher, &client_frame());
 }
 
 /// Decodes a client `Send` frame.
 #[divan::bench(sample_size = 64)]
 fn decode_client_send(bencher: Bencher<'_, '_>) {
-    let bytes = client_frame().encode_to_vec();
-    bencher.bench_local(|| ClientFrame::decode(black_box(bytes.as_slice())).unwrap());
+    decode::<ClientFrame>(bencher, &client_frame());
 }
 
 /// Encodes a server message `Event` frame into a reused buffer.
 #[divan::bench]
 fn encode_server_event(bencher: Bencher<'_, '_>) {
-    let frame = server_frame();
-    let mut buffer = Vec::with_capacity(512);
-    bencher.bench_local(|| {
-        buffer.clear();
-        black_box(&frame).encode(&mut buffer).unwrap();
-        black_box(buffer.len())
-    });
+    encode(bencher, &server_frame());
 }
 
 /// Decodes a server message `Event` frame.
 #[divan::bench(sample_size = 64)]
 fn decode_server_event(bencher: Bencher<'_, '_>) {
-    let bytes = server_frame().encode_to_vec();
-    bencher.bench_local(|| ServerFrame::decode(black_box(bytes.as_slice())).unwrap());
+    decode::<ServerFrame>(bencher, &server_frame());
+}
+
+/// Encodes `frame` into a buffer reused between iterations.
+fn encode<M: Message>(bencher: Bencher<'_, '_>, frame: &M) {
+    let mut buffer = Vec::with_capacity(512);
+    bencher.bench_local(|| {
+        buffer.clear();
+        black_box(frame).encode(&mut buffer).unwrap();
+        black_box(buffer.len())
+    });
+}
+
+/// Decodes the encoding of `frame`.
+fn decode<M: Message + Default>(bencher: Bencher<'_, '_>, frame: &M) {
+    let bytes = frame.encode_to_vec();
+    bencher.bench_local(|| M::decode(black_box(bytes.as_slice())).unwrap());
 }

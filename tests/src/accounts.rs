@@ -101,6 +101,26 @@ impl Server {
         self.conversations_with(Some(&account.access_token)).await
     }
 
+    /// Starts a server (as [`Server::start`]) and registers `usernames` on it
+    /// with [`PASSWORD`], in order: the cast of most tests.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server does not start or refuses a registration.
+    pub async fn start_with_users<const N: usize>(
+        usernames: [&str; N],
+    ) -> Result<(Self, [Account; N])> {
+        let server = Self::start().await?;
+        let mut accounts = Vec::with_capacity(N);
+        for username in usernames {
+            accounts.push(server.register(username).await?);
+        }
+        let accounts = accounts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("one account per username"))?;
+        Ok((server, accounts))
+    }
+
     /// Registers `username` with [`PASSWORD`].
     ///
     /// # Errors

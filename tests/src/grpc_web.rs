@@ -238,13 +238,13 @@ impl RawWebResponse {
     /// The value of header `name`.
     #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
-        find(&self.headers, name)
+        crate::http::field(&self.headers, name)
     }
 
     /// The call's `grpc-status`, from the trailers or a trailers-only answer.
     #[must_use]
     pub fn grpc_status(&self) -> Option<i32> {
-        find(&self.trailers, "grpc-status")
+        crate::http::field(&self.trailers, "grpc-status")
             .or_else(|| self.header("grpc-status"))
             .and_then(|code| code.parse().ok())
     }
@@ -252,13 +252,6 @@ impl RawWebResponse {
 
 /// Header or trailer fields: names (lower case) and values.
 type Fields = Vec<(String, String)>;
-
-fn find<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    fields
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
-}
 
 /// The body of a gRPC-web request holding `message` (one frame: flag 0, length,
 /// bytes), base64-encoded when `text`.
@@ -284,9 +277,10 @@ pub fn web_body_declaring(message: &[u8], declared: usize, text: bool) -> Vec<u8
     }
 }
 
-/// Sends one HTTP/1.1 request by hand (`Connection: close`) and reads the whole
-/// answer: what a browser's `fetch` of a gRPC-web call puts on the wire, and
-/// for `OPTIONS`, its CORS preflight. `headers` come after `Host`.
+/// Sends one gRPC-web call (or, with `OPTIONS`, its CORS preflight) by hand
+/// over HTTP/1.1, as a browser's `fetch` puts it on the wire, and reads the
+/// whole answer: base64 undone in the text mode, the body split into its
+/// messages and trailers.
 ///
 /// # Errors
 ///
@@ -299,53 +293,13 @@ pub async fn raw_web_call(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<RawWebResponse> {
-    tokio::time::timeout(crate::WAIT, exchange(addr, method, path, headers, body))
-        .await
-        .with_context(|| format!("{method} {path} timed out"))?
-}
-
-async fn exchange(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<RawWebResponse> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(request.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let end = raw
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .context("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..end]).context("headers are not utf-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    if find(&headers, "transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body)?;
-    }
-    let content_type = find(&headers, "content-type").unwrap_or_default();
-    if content_type.starts_with("application/grpc-web-text") {
-        body = decode_text(&body)?;
-    }
+    let raw = crate::http::request(addr, method, path, headers, body).await?;
+    let content_type = raw.header("content-type").unwrap_or_default();
+    let body = if content_type.starts_with("application/grpc-web-text") {
+        decode_text(&raw.body)?
+    } else {
+        raw.body.clone()
+    };
     // Anything else (a refusal before gRPC, a preflight) has no frames.
     let (messages, trailers) = if content_type.starts_with("application/grpc-web") {
         web_frames(&body)?
@@ -353,32 +307,11 @@ async fn exchange(
         (Vec::new(), Vec::new())
     };
     Ok(RawWebResponse {
-        status,
-        headers,
+        status: raw.status,
+        headers: raw.headers,
         messages,
         trailers,
     })
-}
-
-/// Undoes HTTP/1.1 chunked transfer coding.
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = rest
-            .windows(2)
-            .position(|window| window == b"\r\n")
-            .context("truncated chunk")?;
-        let size_line = std::str::from_utf8(&rest[..line_end])?;
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-            .with_context(|| format!("bad chunk size {size_line:?}"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        anyhow::ensure!(rest.len() >= size + 2, "truncated chunk");
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
 }
 
 /// Decodes a grpc-web-text body: base64 pieces, each padded on its own (the

@@ -59,6 +59,17 @@ fn assert_frame_like_missing(what: &str, existing: &ErrorFrame, missing: &ErrorF
 }
 
 /// The ids of `account`'s history of `conversation`, newest first.
+/// Fails unless a new device of `account` syncs from 0 with no event at all:
+/// nothing of the attack reached the user's sequence.
+async fn assert_nothing_reached(server: &Server, account: &Account, device_id: &str) -> Result<()> {
+    let (_, synced) = server.grpc_synced(account, device_id, 0).await?;
+    anyhow::ensure!(
+        synced.events.is_empty(),
+        "events reached the user: {synced:?}"
+    );
+    Ok(())
+}
+
 async fn stored(server: &Server, account: &Account, conversation: i64) -> Result<Vec<i64>> {
     let page = server.history(account, conversation, 0, 0, 200).await?;
     Ok(page.messages.iter().map(|message| message.id).collect())
@@ -96,10 +107,7 @@ fn forged_frame(r#ref: u64, field: u32, body: &[u8], extra: &[(u32, u64)]) -> Ve
 /// exist; the conversations are unchanged and their members read on.
 #[tokio::test]
 async fn non_member_history_is_not_found_like_a_missing_conversation() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, erin]) = Server::start_with_users(["alice", "bob", "erin"]).await?;
     let group = server
         .create_group(&alice, "private", &[bob.id()])
         .await?
@@ -160,10 +168,7 @@ async fn non_member_history_is_not_found_like_a_missing_conversation() -> Result
 /// NOT_FOUND like a missing conversation: no member list, no watermarks leak.
 #[tokio::test]
 async fn non_member_receipts_and_members_are_not_found() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, erin]) = Server::start_with_users(["alice", "bob", "erin"]).await?;
     let group = server
         .create_group(&alice, "private", &[bob.id()])
         .await?
@@ -220,10 +225,7 @@ async fn non_member_receipts_and_members_are_not_found() -> Result<()> {
 /// typing there, a stranger nothing); posts and messages then do not reach the stranger.
 #[tokio::test]
 async fn non_member_live_stream_of_a_conversation_is_refused() -> Result<()> {
-    let server = Server::start().await?;
-    let owner = server.register("owner").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [owner, bob, erin]) = Server::start_with_users(["owner", "bob", "erin"]).await?;
     let mut owner_client = server.conversations(&owner).await?;
     let request = CreateChannelRequest {
         name: "news".into(),
@@ -271,8 +273,7 @@ async fn non_member_live_stream_of_a_conversation_is_refused() -> Result<()> {
         .expect_quiet(1)
         .await
         .context("nothing reaches the stranger")?;
-    let (_, synced) = server.grpc_synced(&erin, "erin-2", 0).await?;
-    assert!(synced.events.is_empty(), "{synced:?}");
+    assert_nothing_reached(&server, &erin, "erin-2").await?;
     Ok(())
 }
 
@@ -281,10 +282,7 @@ async fn non_member_live_stream_of_a_conversation_is_refused() -> Result<()> {
 /// watermarks stay where they were, and no read state is written.
 #[tokio::test]
 async fn non_member_cannot_mark_read() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, erin]) = Server::start_with_users(["alice", "bob", "erin"]).await?;
     let direct = server.open_direct(&alice, &bob).await?;
     let (mut bob_conn, _) = server.grpc_synced(&bob, "bob", 0).await?;
     let sent = bob_conn.send(direct, "b-1", "hi alice").await?.message_id;
@@ -343,8 +341,7 @@ async fn non_member_cannot_mark_read() -> Result<()> {
         receipts.members.iter().all(|m| m.user_id == alice.id()),
         "{receipts:?}"
     );
-    let (_, synced) = server.grpc_synced(&erin, "erin-2", 0).await?;
-    assert!(synced.events.is_empty(), "no read state: {synced:?}");
+    assert_nothing_reached(&server, &erin, "erin-2").await?;
     Ok(())
 }
 
@@ -353,11 +350,8 @@ async fn non_member_cannot_mark_read() -> Result<()> {
 /// the history and the would-be invitee's sequence are unchanged.
 #[tokio::test]
 async fn non_member_cannot_add_members() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
-    let frank = server.register("frank").await?;
+    let (server, [alice, bob, erin, frank]) =
+        Server::start_with_users(["alice", "bob", "erin", "frank"]).await?;
     let group = server.create_group(&alice, "private", &[bob.id()]).await?;
     let direct = server.open_direct(&alice, &bob).await?;
     let history = stored(&server, &alice, group.id).await?;
@@ -398,8 +392,7 @@ async fn non_member_cannot_add_members() -> Result<()> {
         history,
         "no notice"
     );
-    let (_, synced) = server.grpc_synced(&frank, "frank", 0).await?;
-    assert!(synced.events.is_empty(), "{synced:?}");
+    assert_nothing_reached(&server, &frank, "frank").await?;
     let error = server
         .history(&frank, group.id, 0, 0, 10)
         .await
@@ -413,10 +406,7 @@ async fn non_member_cannot_add_members() -> Result<()> {
 /// conversation's too), and the stranger is not a member afterwards.
 #[tokio::test]
 async fn nobody_adds_themselves_to_a_group() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, erin]) = Server::start_with_users(["alice", "bob", "erin"]).await?;
     let group = server.create_group(&alice, "private", &[bob.id()]).await?;
     let direct = server.open_direct(&alice, &bob).await?;
 
@@ -457,8 +447,7 @@ async fn nobody_adds_themselves_to_a_group() -> Result<()> {
         .await
         .expect_err("erin reads");
     assert_eq!(status_code(&error), Some(Code::NotFound), "{error:#}");
-    let (_, synced) = server.grpc_synced(&erin, "erin", 0).await?;
-    assert!(synced.events.is_empty(), "{synced:?}");
+    assert_nothing_reached(&server, &erin, "erin").await?;
     Ok(())
 }
 
@@ -467,10 +456,7 @@ async fn nobody_adds_themselves_to_a_group() -> Result<()> {
 /// them in, and from that moment on they get what is sent.
 #[tokio::test]
 async fn removed_member_cannot_rejoin_without_being_added() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let group = server
         .create_group(&alice, "private", &[bob.id(), carol.id()])
         .await?
@@ -542,9 +528,7 @@ async fn removed_member_cannot_rejoin_without_being_added() -> Result<()> {
 /// their sends are refused, and a fresh device syncs up to the notice only.
 #[tokio::test]
 async fn after_leaving_history_stops_at_the_leave_point_and_live_delivery_stops() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let group = server
         .create_group(&alice, "private", &[bob.id()])
         .await?
@@ -612,10 +596,7 @@ async fn after_leaving_history_stops_at_the_leave_point_and_live_delivery_stops(
 /// caller's watermark, never beyond the newest message.
 #[tokio::test]
 async fn spoofed_sender_time_and_id_are_set_by_the_server() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let group = server
         .create_group(&alice, "private", &[bob.id(), carol.id()])
         .await?
@@ -948,10 +929,7 @@ async fn chat(
 async fn slow_consumer_is_closed_with_resync_and_resumes_from_its_cursor() -> Result<()> {
     const SENDERS: usize = 8;
     const BATCH: usize = 25;
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let direct = server.open_direct(&alice, &bob).await?;
     let other = server.open_direct(&carol, &alice).await?;
     let (mut carol_conn, _) = server.grpc_synced(&carol, "carol", 0).await?;
@@ -1088,10 +1066,7 @@ async fn argon2id_parameters_are_sane() -> Result<()> {
 #[tokio::test]
 async fn non_member_gets_not_found_from_every_call_on_a_conversation() -> Result<()> {
     use confab_proto::v1::{Role, SetRoleRequest, UpdateConversationRequest};
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, erin]) = Server::start_with_users(["alice", "bob", "erin"]).await?;
     let group = server.create_group(&alice, "private", &[bob.id()]).await?;
     let mut alice_client = server.conversations(&alice).await?;
     let request = CreateChannelRequest {

@@ -19,10 +19,7 @@ const EVENTS_METRIC: &str = "confab_message_events_total";
 /// open it, and a group cannot be opened as a channel.
 #[tokio::test]
 async fn channel_posts_reach_open_viewers_only() -> Result<()> {
-    let server = Server::start().await?;
-    let owner = server.register("owner").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [owner, bob, carol]) = Server::start_with_users(["owner", "bob", "carol"]).await?;
     let mut owner_client = server.conversations(&owner).await?;
     let request = CreateChannelRequest {
         name: "news".into(),

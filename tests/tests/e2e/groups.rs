@@ -123,10 +123,7 @@ async fn assert_history_ends_at(
 /// ascending), gap-free in each user's sequence, and history agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_devices_agree_on_every_message_and_order() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let (alice_grpc, _) = server.grpc_synced(&alice, "alice-grpc", 0).await?;
     let (alice_ws, _) = server
         .ws_synced(&alice, Encoding::Binary, "alice-ws", 0)
@@ -228,10 +225,7 @@ async fn group_devices_agree_on_every_message_and_order() -> Result<()> {
 /// a direct conversation goes sent, delivered, read the same way.
 #[tokio::test]
 async fn receipts_flow_to_the_sender() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let group = server
         .create_group(&alice, "receipts", &[bob.id(), carol.id()])
         .await?;
@@ -364,9 +358,7 @@ async fn receipts_flow_to_the_sender() -> Result<()> {
 /// the watermark never moves back; own messages never count.
 #[tokio::test]
 async fn unread_counts_follow_the_read_watermark() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut bob_phone, _) = server.grpc_synced(&bob, "bob-phone", 0).await?;
     let (mut bob_laptop, _) = server
@@ -514,12 +506,8 @@ async fn unread_counts_follow_the_read_watermark() -> Result<()> {
 /// are for admins and the owner.
 #[tokio::test]
 async fn membership_changes_and_invariant_5() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
-    let dave = server.register("dave").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, carol, dave, erin]) =
+        Server::start_with_users(["alice", "bob", "carol", "dave", "erin"]).await?;
     let group = server
         .create_group(&alice, "members", &[bob.id(), carol.id()])
         .await?;

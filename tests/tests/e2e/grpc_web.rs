@@ -41,9 +41,7 @@ async fn expect_refused(
 /// the original id, receipts, ping, presence watch.
 #[tokio::test]
 async fn browser_on_grpc_web_chats_with_a_websocket_user() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut browser, synced) = server.grpc_web_synced(&alice, "browser", 0).await?;
     assert_eq!(synced.welcome.user_id, alice.id());
@@ -100,9 +98,7 @@ async fn browser_on_grpc_web_chats_with_a_websocket_user() -> Result<()> {
 /// subscription resumes from the cursor with what was missed.
 #[tokio::test]
 async fn browser_subscription_ends_with_the_tab_and_resumes_from_its_cursor() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut bob_ws, _) = server.ws_synced(&bob, Encoding::Json, "phone", 0).await?;
     let snapshot = bob_ws.watch_presence(&[alice.id()]).await?;
@@ -146,9 +142,7 @@ async fn browser_subscription_ends_with_the_tab_and_resumes_from_its_cursor() ->
 /// refused; without a token nothing opens.
 #[tokio::test]
 async fn submit_reaches_only_the_callers_own_subscription() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let mallory = server.register("mallory").await?;
+    let (server, [alice, mallory]) = Server::start_with_users(["alice", "mallory"]).await?;
     let conversation = server.open_direct(&alice, &mallory).await?;
     let (mut browser, _) = server.grpc_web_synced(&alice, "browser", 0).await?;
 
@@ -322,9 +316,7 @@ async fn grpc_web_from_a_foreign_origin_is_refused() -> Result<()> {
 /// on.
 #[tokio::test]
 async fn grpc_web_body_over_the_frame_limit_is_refused() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut browser, _) = server.grpc_web_synced(&alice, "browser", 0).await?;
     let limit = 64 * 1024;

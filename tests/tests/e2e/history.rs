@@ -5,9 +5,7 @@ use super::*;
 /// History pages newest first via `before`, bounds with `after`, and `has_more` is right.
 #[tokio::test]
 async fn history_pagination() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let mut alice_client = server.conversations(&alice).await?;
     let mut bob_client = server.conversations(&bob).await?;

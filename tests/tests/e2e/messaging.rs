@@ -6,9 +6,7 @@ use super::*;
 /// sender, the sending one included, gets the message as an event.
 #[tokio::test]
 async fn websocket_and_grpc_users_talk() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     assert_eq!(
         server.open_direct(&bob, &alice).await?,
@@ -56,9 +54,7 @@ async fn websocket_and_grpc_users_talk() -> Result<()> {
 /// Proto3 JSON text frames work end to end, with the token in the query or in the Hello.
 #[tokio::test]
 async fn websocket_json_text_frames() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
 
     let mut alice_ws = Conn::new(
@@ -89,9 +85,7 @@ async fn websocket_json_text_frames() -> Result<()> {
 /// returns the original id with `duplicate: true`, stores one copy and emits one event.
 #[tokio::test]
 async fn retried_send_is_deduplicated() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut bob_conn, _) = server.ws_synced(&bob, Encoding::Binary, "bob-1", 0).await?;
 
@@ -191,10 +185,7 @@ async fn receive_some<T: Transport>(
 async fn reconnect_with_cursor_under_load() -> Result<()> {
     const PER_SENDER: usize = 150;
     const PER_CONNECTION: usize = 37;
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let carol = server.register("carol").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, carol, bob]) = Server::start_with_users(["alice", "carol", "bob"]).await?;
     let mut senders = Vec::new();
     for sender in [alice, carol] {
         let conversation = server.open_direct(&sender, &bob).await?;
@@ -274,10 +265,7 @@ async fn reconnect_with_cursor_under_load() -> Result<()> {
 #[tokio::test]
 async fn non_member_is_refused() -> Result<()> {
     const UNKNOWN: i64 = 4_242_424_242;
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let ack = server
         .conversations(&alice)

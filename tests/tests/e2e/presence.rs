@@ -73,9 +73,7 @@ async fn next_change<T: Transport>(
 /// offline at once with last seen = that device's last heartbeat.
 #[tokio::test]
 async fn online_until_the_last_device_closes() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     server.open_direct(&bob, &alice).await?;
     // Over proto3 JSON, so that the mapping of presence events is checked too.
     let (mut bob_conn, _) = server.ws_synced(&bob, Encoding::Json, "bob", 0).await?;
@@ -254,10 +252,7 @@ async fn last_seen_survives_a_restart() -> Result<()> {
 /// shows a stranger the last seen but never online. GetPrivacy returns the setting.
 #[tokio::test]
 async fn last_seen_follows_the_privacy_setting() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let carol = server.register("carol").await?;
+    let (server, [alice, bob, carol]) = Server::start_with_users(["alice", "bob", "carol"]).await?;
     server.open_direct(&bob, &alice).await?;
     let default = server.get_privacy(&alice).await?;
     assert!(
@@ -383,11 +378,8 @@ async fn last_seen_follows_the_privacy_setting() -> Result<()> {
 /// refused.
 #[tokio::test]
 async fn presence_changes_reach_watchers_only() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
-    let dave = server.register("dave").await?;
-    let erin = server.register("erin").await?;
+    let (server, [alice, bob, dave, erin]) =
+        Server::start_with_users(["alice", "bob", "dave", "erin"]).await?;
     server.open_direct(&bob, &alice).await?;
     server.open_direct(&bob, &erin).await?;
     server.create_group(&alice, "team", &[dave.id()]).await?;

@@ -9,9 +9,7 @@ use super::*;
 async fn oversized_and_malformed_input() -> Result<()> {
     const MAX_TEXT: usize = 16_384;
     const MAX_FRAME: usize = 65_536;
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut alice_ws, _) = server
         .ws_synced(&alice, Encoding::Binary, "alice-ws", 0)
@@ -182,9 +180,7 @@ async fn acknowledged_messages_survive_kill9() -> Result<()> {
 /// server reflection lists the edge services.
 #[tokio::test]
 async fn metrics_and_health() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = server.register("alice").await?;
-    let bob = server.register("bob").await?;
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
     let conversation = server.open_direct(&alice, &bob).await?;
     let (mut bob_conn, _) = server.ws_synced(&bob, Encoding::Binary, "bob-1", 0).await?;
     let (mut alice_conn, _) = server.grpc_synced(&alice, "alice-1", 0).await?;
