@@ -10,7 +10,6 @@ mod conversations;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ConnectInfo;
 use confab_common::auth::TokenType;
@@ -41,7 +40,6 @@ pub(crate) struct EdgeApi {
     closing: CancellationToken,
     /// The live `Subscribe` streams, for `Submit`.
     subscriptions: Subscriptions,
-    next_subscription: Arc<AtomicU64>,
 }
 
 impl EdgeApi {
@@ -55,7 +53,6 @@ impl EdgeApi {
             limits,
             closing,
             subscriptions: Subscriptions::default(),
-            next_subscription: Arc::default(),
         }
     }
 
@@ -122,9 +119,8 @@ pub(crate) struct Pending {
 /// The way into one live `Subscribe` stream.
 #[derive(Debug, Clone)]
 pub(crate) struct Subscription {
-    /// Tells this subscription from a newer one of the same device.
-    id: u64,
     frames: mpsc::Sender<Inbound>,
+    /// Also tells this subscription from a newer one of the same device.
     pending: Arc<Mutex<Pending>>,
 }
 
@@ -265,10 +261,8 @@ impl Edge for EdgeApi {
         let hello = request.into_inner();
         let key = (caller.user_id, hello.device_id.clone());
         let (frames, submitted) = mpsc::channel(SUBMIT_QUEUE);
-        let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
         let pending = Arc::new(Mutex::new(Pending::default()));
         let subscription = Subscription {
-            id,
             frames,
             pending: pending.clone(),
         };
@@ -283,9 +277,13 @@ impl Edge for EdgeApi {
             .chain(ReceiverStream::new(submitted))
             .boxed();
         let subscriptions = self.subscriptions.clone();
+        let ours = pending.clone();
         let ended = move || {
             let mut subscriptions = subscriptions.lock();
-            if subscriptions.get(&key).is_some_and(|s| s.id == id) {
+            if subscriptions
+                .get(&key)
+                .is_some_and(|s| Arc::ptr_eq(&s.pending, &ours))
+            {
                 subscriptions.remove(&key);
             }
         };
