@@ -116,10 +116,10 @@ fn group_message_to_tasks(bencher: Bencher<'_, '_>) {
         .map(|(user_id, _)| live(Audience::User(*user_id), event::Kind::Message(message()), 1))
         .collect();
     let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    for (_, mut device) in devices {
+    for (_, device) in devices {
         let arrived = arrived.clone();
         runtime.spawn(async move {
-            while let Some(event) = device.events.recv().await {
+            while let Ok(event) = device.events.recv_async().await {
                 if arrived.send(event.event.seq).is_err() {
                     return;
                 }

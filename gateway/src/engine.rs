@@ -113,101 +113,111 @@ pub(crate) enum End {
     Idle,
 }
 
-/// Runs one connection until it ends. `caller` is set when the transport
-/// authenticated already (header or metadata); otherwise the `Hello` carries the
-/// token.
+/// Runs one connection until it ends, and hands the sink back for the
+/// transport's last word (a close frame, a status). `caller` is set when the
+/// transport authenticated already (header or metadata); otherwise the `Hello`
+/// carries the token.
+///
+/// The sink is owned rather than borrowed so that a transport can spawn this
+/// future as its connection's task as it is (then `.then` its last word):
+/// wrapped in an `async` block that owned the sink, its arguments would be held
+/// twice for the connection's whole life (an async block's captures keep their
+/// place in its layout after they move on).
 pub(crate) async fn run<I, S>(
     gateway: Arc<Gateway>,
     limits: Arc<Limits>,
     closing: CancellationToken,
     caller: Option<Caller>,
     mut inbound: I,
-    sink: &mut S,
-) -> End
+    mut sink: S,
+) -> (End, S)
 where
     I: Stream<Item = Inbound> + Unpin + Send,
     S: FrameSink,
 {
-    let hello = tokio::select! {
-        first = tokio::time::timeout(gateway.config.hello_timeout, first_frame(&mut inbound, sink)) => first,
-        () = closing.cancelled() => return End::Shutdown,
-    };
-    let (reference, hello) = match hello {
-        Ok(Some(Inbound::Frame(ClientFrame {
-            r#ref,
-            kind: Some(client_frame::Kind::Hello(hello)),
-        }))) => (r#ref, hello),
-        Ok(Some(Inbound::TooLarge)) => return End::TooLarge,
-        Ok(Some(Inbound::Idle)) => return End::Idle,
-        Ok(None) => return End::ClientClosed,
-        Ok(Some(_)) | Err(_) => {
-            let status = Status::invalid_argument("the first frame must be a hello");
-            let _ = sink.send(error_frame(0, &status, true)).await;
-            return End::Refused;
-        }
-    };
-    let caller = match caller {
-        Some(caller) => caller,
-        None => match Box::pin(crate::auth::caller(
-            &gateway.tokens,
-            &gateway.groups,
-            &hello.token,
-        ))
-        .await
-        {
-            Ok(caller) => caller,
-            Err(status) => {
-                let _ = sink.send(error_frame(reference, &status, true)).await;
-                return End::Refused;
+    let end = 'run: {
+        let hello = tokio::select! {
+            first = tokio::time::timeout(gateway.config.hello_timeout, first_frame(&mut inbound, &mut sink)) => first,
+            () = closing.cancelled() => break 'run End::Shutdown,
+        };
+        let (reference, hello) = match hello {
+            Ok(Some(Inbound::Frame(ClientFrame {
+                r#ref,
+                kind: Some(client_frame::Kind::Hello(hello)),
+            }))) => (r#ref, hello),
+            Ok(Some(Inbound::TooLarge)) => break 'run End::TooLarge,
+            Ok(Some(Inbound::Idle)) => break 'run End::Idle,
+            Ok(None) => break 'run End::ClientClosed,
+            Ok(Some(_)) | Err(_) => {
+                let status = Status::invalid_argument("the first frame must be a hello");
+                let _ = sink.send(error_frame(0, &status, true)).await;
+                break 'run End::Refused;
             }
-        },
-    };
-    let user_id = caller.user_id;
-    if let Err(status) = check_device_id(&hello) {
-        let _ = sink.send(error_frame(reference, &status, true)).await;
-        return End::Refused;
-    }
-    // Checked again here for a token that came in the hello, and for connections
-    // that raced past the transport's check.
-    if let Err(status) = user_has_room(&gateway, &limits, user_id, &hello.device_id) {
-        let reply = error_frame_reason(reference, &status, "too_many_connections", true);
-        let _ = sink.send(reply).await;
-        return End::Refused;
-    }
+        };
+        let caller = match caller {
+            Some(caller) => caller,
+            None => match Box::pin(crate::auth::caller(
+                &gateway.tokens,
+                &gateway.groups,
+                &hello.token,
+            ))
+            .await
+            {
+                Ok(caller) => caller,
+                Err(status) => {
+                    let _ = sink.send(error_frame(reference, &status, true)).await;
+                    break 'run End::Refused;
+                }
+            },
+        };
+        let user_id = caller.user_id;
+        if let Err(status) = check_device_id(&hello) {
+            let _ = sink.send(error_frame(reference, &status, true)).await;
+            break 'run End::Refused;
+        }
+        // Checked again here for a token that came in the hello, and for connections
+        // that raced past the transport's check.
+        if let Err(status) = user_has_room(&gateway, &limits, user_id, &hello.device_id) {
+            let reply = error_frame_reason(reference, &status, "too_many_connections", true);
+            let _ = sink.send(reply).await;
+            break 'run End::Refused;
+        }
 
-    let registration = gateway.hub.register_in_session(
-        user_id,
-        &hello.device_id,
-        gateway.config.live_queue,
-        &caller.session,
-        caller.issued_at_ms,
-    );
-    metrics::gauge!("confab_gateway_connections").increment(1.0);
-    let session = Session {
-        gateway: gateway.clone(),
-        limits,
-        user_id,
-        device_id: hello.device_id.clone(),
-        connection_id: registration.connection_id,
-        expires_at_ms: AtomicI64::new(caller.expires_at_ms),
+        let registration = gateway.hub.register_in_session(
+            user_id,
+            &hello.device_id,
+            gateway.config.live_queue,
+            &caller.session,
+            caller.issued_at_ms,
+        );
+        metrics::gauge!("confab_gateway_connections").increment(1.0);
+        let session = Session {
+            gateway: gateway.clone(),
+            limits,
+            user_id,
+            device_id: hello.device_id.clone(),
+            connection_id: registration.connection_id,
+            expires_at_ms: AtomicI64::new(caller.expires_at_ms),
+        };
+        // The calls of a connection's start and end are boxed: their futures are
+        // large and short-lived, and inline they would size every idle
+        // connection's task.
+        Box::pin(session.announce()).await;
+        let end = session
+            .serve(
+                closing,
+                reference,
+                hello.cursor,
+                registration,
+                &mut inbound,
+                &mut sink,
+            )
+            .await;
+        Box::pin(session.retire()).await;
+        metrics::gauge!("confab_gateway_connections").decrement(1.0);
+        end
     };
-    // The calls of a connection's start and end are boxed: their futures are
-    // large and short-lived, and inline they would size every idle
-    // connection's task.
-    Box::pin(session.announce()).await;
-    let end = session
-        .serve(
-            closing,
-            reference,
-            hello.cursor,
-            registration,
-            &mut inbound,
-            sink,
-        )
-        .await;
-    Box::pin(session.retire()).await;
-    metrics::gauge!("confab_gateway_connections").decrement(1.0);
-    end
+    (end, sink)
 }
 
 /// Returns the first inbound item that is not [`Inbound::Quiet`], probing the
@@ -269,7 +279,7 @@ impl Session {
         closing: CancellationToken,
         reference: u64,
         cursor: u64,
-        mut registration: crate::hub::Registration,
+        registration: crate::hub::Registration,
         inbound: &mut I,
         sink: &mut S,
     ) -> End
@@ -300,6 +310,9 @@ impl Session {
             None;
         // Fires at the token's expiry as it was when armed; the expiry is read
         // again then, as a reauthentication may have moved it.
+        // One registration with the queue for the connection's life, not one per
+        // turn of the loop.
+        let mut live_events = registration.events.stream();
         let expiry = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(expiry);
         loop {
@@ -330,7 +343,7 @@ impl Session {
                         Err(end) => return end,
                     };
                 }
-                live = registration.events.recv() => {
+                live = live_events.next() => {
                     let Some(live) = live else {
                         return Box::pin(self.kicked(&registration, sink)).await;
                     };
@@ -873,9 +886,8 @@ mod tests {
         let gateway = Arc::new(crate::fuzzing::offline_gateway());
         let limits = Arc::new(Limits::new(&gateway.config));
         let inbound = futures::stream::empty::<Inbound>().boxed();
-        let mut sink = NoSink;
         let closing = CancellationToken::new();
-        let connection = run(gateway, limits, closing, None, inbound, &mut sink);
+        let connection = run(gateway, limits, closing, None, inbound, NoSink);
         let size = std::mem::size_of_val(&connection);
         assert!(size < 2048, "the engine's future takes {size} bytes");
     }

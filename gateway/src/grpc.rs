@@ -8,6 +8,7 @@ mod accounts;
 mod conversations;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -18,8 +19,9 @@ use confab_proto::v1::edge_server::Edge;
 use confab_proto::v1::{
     AuthResponse, ClientFrame, Hello, ServerFrame, SubmitRequest, User, client_frame,
 };
-use futures::StreamExt as _;
+use futures::future::Either;
 use futures::stream::BoxStream;
+use futures::{FutureExt as _, StreamExt as _};
 use parking_lot::Mutex;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -140,22 +142,25 @@ struct GrpcSink {
 }
 
 impl FrameSink for GrpcSink {
-    async fn send(&mut self, mut frame: ServerFrame) -> Result<(), ()> {
+    /// Routes the frame before the future is made, which then holds only the
+    /// queue's send: every await of the engine on a send sizes the task.
+    fn send(&mut self, mut frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send {
         if let Some(pending) = self.pending.as_ref().filter(|_| frame.r#ref != 0) {
             let waiting = pending.lock().waiting.remove(&frame.r#ref);
             if let Some((reference, caller)) = waiting {
                 frame.r#ref = reference;
                 // A caller that gave up no longer wants it.
                 let _ = caller.send(frame);
-                return Ok(());
+                return Either::Left(std::future::ready(Ok(())));
             }
         }
-        self.out.send(Ok(Box::new(frame))).await.map_err(|_| ())
+        let queued = self.out.send(Ok(Box::new(frame)));
+        Either::Right(queued.map(|sent| sent.map_err(|_| ())))
     }
 
     /// HTTP/2 keeps its own pings; the inbound stream never reports quiet.
-    async fn probe(&mut self) -> Result<(), ()> {
-        Ok(())
+    fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
+        std::future::ready(Ok(()))
     }
 }
 
@@ -204,24 +209,28 @@ impl EdgeApi {
         let gateway = self.gateway.clone();
         let limits = self.limits.clone();
         let closing = self.closing.clone();
-        tokio::spawn(async move {
-            let mut sink = GrpcSink { out, pending };
-            let end = engine::run(gateway, limits, closing, Some(caller), inbound, &mut sink).await;
-            ended();
-            // The address's slot is held for the stream's whole life.
-            drop(slot);
-            let status = match end {
-                End::TooLarge => {
-                    crate::limits::Refusal::FrameSize.count();
-                    Some(Status::resource_exhausted("frame too large"))
+        let sink = GrpcSink { out, pending };
+        // Spawned as the engine's own future, not inside an async block that
+        // would keep a second copy of its arguments (see `engine::run`).
+        let connection = engine::run(gateway, limits, closing, Some(caller), inbound, sink).then(
+            move |(end, sink)| async move {
+                ended();
+                // The address's slot is held for the stream's whole life.
+                drop(slot);
+                let status = match end {
+                    End::TooLarge => {
+                        crate::limits::Refusal::FrameSize.count();
+                        Some(Status::resource_exhausted("frame too large"))
+                    }
+                    End::Shutdown => Some(Status::unavailable("server shutting down")),
+                    _ => None,
+                };
+                if let Some(status) = status {
+                    let _ = sink.out.send(Err(status)).await;
                 }
-                End::Shutdown => Some(Status::unavailable("server shutting down")),
-                _ => None,
-            };
-            if let Some(status) = status {
-                let _ = sink.out.send(Err(status)).await;
-            }
-        });
+            },
+        );
+        tokio::spawn(connection);
         let unbox: fn(Queued) -> Result<ServerFrame, Status> = |queued| queued.map(|frame| *frame);
         ReceiverStream::new(receiver).map(unbox)
     }

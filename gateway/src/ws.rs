@@ -15,6 +15,7 @@
 //! leaks them (CRIME, BREACH) and inflating costs memory the frame limit does
 //! not bound.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use confab_proto::v1::{ClientFrame, ServerFrame};
 use futures::stream::SplitSink;
-use futures::{SinkExt as _, Stream, StreamExt as _};
+use futures::{FutureExt as _, SinkExt as _, Stream, StreamExt as _};
 use prost::Message as _;
 use tokio::time::Instant;
 
@@ -102,15 +103,21 @@ pub(crate) async fn upgrade(
         .max_write_buffer_size(WRITE_BUFFER.max(max) * 4)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            connection(state, caller, socket).await;
-            // The address's slot is held for the connection's whole life.
-            drop(slot);
-            drop(live);
-        })
+        // The address's slot is held for the connection's whole life.
+        .on_upgrade(move |socket| connection(state, caller, socket, (slot, live)))
 }
 
-async fn connection(state: AppState, caller: Option<crate::auth::Caller>, socket: WebSocket) {
+/// Returns the future of one upgraded connection: the engine, then the close
+/// frame. Everything is built before the future, which is returned as is, not
+/// wrapped in an `async` block: its task holds it for the connection's whole
+/// life, and an async block's captures (the socket alone is 368 bytes) would
+/// keep their place in its layout after they moved into the engine.
+fn connection(
+    state: AppState,
+    caller: Option<crate::auth::Caller>,
+    socket: WebSocket,
+    held: impl Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
     let (sink, stream) = socket.split();
     // The format of the client's latest data frame; the replies follow it.
     let text = Arc::new(AtomicBool::new(false));
@@ -141,16 +148,21 @@ async fn connection(state: AppState, caller: Option<crate::auth::Caller>, socket
             })
             .boxed()
     };
-    let mut sink = WsSink { sink, text };
-    let end = engine::run(
+    let sink = WsSink { sink, text };
+    engine::run(
         state.gateway,
         state.limits,
         state.closing,
         caller,
         inbound,
-        &mut sink,
+        sink,
     )
-    .await;
+    .then(move |(end, sink)| close(sink, end, invalid_text, held))
+}
+
+/// Sends the close frame that says why the connection ended, then lets go of
+/// what was `held` for the connection's life.
+async fn close(mut sink: WsSink, end: End, invalid_text: Arc<AtomicBool>, held: impl Send) {
     let (code, reason) = match end {
         // The inbound stream ended on the bad frame; the engine saw it as a close.
         _ if invalid_text.load(Ordering::Relaxed) => (close_code::INVALID, "text frame not utf-8"),
@@ -167,6 +179,7 @@ async fn connection(state: AppState, caller: Option<crate::auth::Caller>, socket
         reason: reason.into(),
     }));
     let _ = sink.sink.send(close).await;
+    drop(held);
 }
 
 /// What the idle watch saw on the socket.
@@ -281,18 +294,20 @@ struct WsSink {
 }
 
 impl FrameSink for WsSink {
-    async fn send(&mut self, frame: ServerFrame) -> Result<(), ()> {
+    /// Encodes before the future is made: every await of the engine on a send
+    /// sizes the connection's task, and this one holds only the encoded message.
+    fn send(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send {
         let message = if self.text.load(Ordering::Relaxed) {
             Message::Text(crate::json::encode_server_frame(&frame).into())
         } else {
             Message::Binary(frame.encode_to_vec().into())
         };
-        self.sink.send(message).await.map_err(|_| ())
+        self.sink.send(message).map(|sent| sent.map_err(|_| ()))
     }
 
-    async fn probe(&mut self) -> Result<(), ()> {
+    fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
         let ping = Message::Ping(bytes::Bytes::new());
-        self.sink.send(ping).await.map_err(|_| ())
+        self.sink.send(ping).map(|sent| sent.map_err(|_| ()))
     }
 }
 

@@ -1,10 +1,14 @@
 -- message-svc schema. Idempotent: run at every open. Kept portable to PostgreSQL:
 -- ids are BIGINTs the application generates (Snowflake), no AUTOINCREMENT.
+-- Each table is one B-tree: `messages.id` is the rowid (INTEGER PRIMARY KEY, not
+-- BIGINT, which would add an index beside the rowid), the others are WITHOUT
+-- ROWID tables clustered on their key. A file created before this layout keeps
+-- its tables (IF NOT EXISTS); every statement works on both.
 -- Columns added after the first release are added to older files by
 -- `sqlite::migrate` (SQLite has no ADD COLUMN IF NOT EXISTS).
 
 CREATE TABLE IF NOT EXISTS messages (
-    id             BIGINT PRIMARY KEY,
+    id             INTEGER PRIMARY KEY,
     conversation_id BIGINT NOT NULL,
     sender_id      BIGINT NOT NULL,
     sender_device  TEXT   NOT NULL,
@@ -34,7 +38,7 @@ CREATE TABLE IF NOT EXISTS user_events (
     message_id BIGINT   NOT NULL,
     payload    BLOB,
     PRIMARY KEY (user_id, seq)
-);
+) WITHOUT ROWID;
 
 -- Delivered and read watermarks per member (DESIGN.md section 6).
 CREATE TABLE IF NOT EXISTS receipts (
@@ -43,7 +47,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     delivered_up_to BIGINT NOT NULL,
     read_up_to      BIGINT NOT NULL,
     PRIMARY KEY (conversation_id, user_id)
-);
+) WITHOUT ROWID;
 
 -- Where a former member's view of a conversation ends: they read history up to
 -- last_visible_id (the notice of their removal), nothing after it. Deleted when
@@ -53,4 +57,4 @@ CREATE TABLE IF NOT EXISTS former_members (
     user_id         BIGINT NOT NULL,
     last_visible_id BIGINT NOT NULL,
     PRIMARY KEY (conversation_id, user_id)
-);
+) WITHOUT ROWID;
