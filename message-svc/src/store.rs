@@ -302,6 +302,11 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 /// open transaction. Every method takes the whole batch, so that a commit costs a
 /// number of statements that does not grow with the number of messages (a
 /// backend splits a call only where its statements have a size limit).
+///
+/// A backend may defer `begin` and the writes to its next statement (SQLite
+/// sends them with the next read or the commit, to save round trips to its
+/// connection's thread): a write the database refuses then fails that later
+/// call instead, and the caller rolls back all the same.
 pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     /// Returns true when other processes write the same store, so the writer must
     /// not cache sequence numbers between transactions and must ask
@@ -331,7 +336,8 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>>;
 
     /// Inserts new messages; fails (and the caller rolls back) if one repeats the
-    /// (sender, client_msg_id) of a stored message or of another in `messages`.
+    /// (sender, client_msg_id) of a stored message or of another in `messages`,
+    /// here or in the call it is deferred to.
     fn insert_messages<'a>(
         &'a mut self,
         messages: &'a [StoredMessage],

@@ -3,9 +3,12 @@
 //! commits; `synchronous = FULL` makes every commit durable (`confab_common::db`).
 
 use std::collections::HashMap;
+use std::future;
+use std::iter;
 use std::path::Path;
 
 use confab_proto::v1::ReadState;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{ConnectOptions as _, QueryBuilder, Sqlite, SqlitePool};
 
@@ -24,9 +27,12 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// connections serve many concurrent calls.
 const READ_CONNECTIONS: u32 = 4;
 
-/// Prepared statements kept on the writer's connection: four batch statements of
-/// at most ~15 texts each ([`chunk_sizes`]) plus the fixed ones fit with room to
-/// spare. sqlx evicts the least recently used beyond it, so this bounds memory
+/// Prepared statements kept on the writer's connection: its four keyed reads
+/// in at most 16 texts each ([`padded_len`]; 10 up to the 512 commands of a
+/// batch), each twice when it may open the transaction (BEGIN in front of it),
+/// plus a few fixed ones: some 60 in practice, since only the first read of a
+/// batch opens it. The deferred writes are never cached ([`Pending::writes`]).
+/// sqlx evicts the least recently used beyond it, so this bounds memory
 /// whatever the texts.
 const WRITER_STATEMENT_CACHE: usize = 128;
 
@@ -44,7 +50,7 @@ pub(crate) async fn open(path: &Path) -> Result<(SqliteStore, SqliteLogWriter), 
     sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
     migrate(&mut conn).await?;
     let pool = confab_common::db::open_sqlite(path, READ_CONNECTIONS).await?;
-    Ok((SqliteStore { pool }, SqliteLogWriter { conn }))
+    Ok((SqliteStore { pool }, SqliteLogWriter::new(conn)))
 }
 
 /// Columns added after the first release: `(table, column, type)`. Files created
@@ -84,47 +90,184 @@ pub(crate) struct SqliteStore {
 
 /// The write side, on its own connection: a single writer needs no pool, and a
 /// dedicated connection cannot be starved by readers.
+///
+/// sqlx runs every statement on the connection's own thread: each call on
+/// `conn` is a hand-off to that thread and back, and under load each waits to
+/// be scheduled. So the writer makes as few as it can: `begin` and the writes
+/// send nothing but wait in `pending`, and go in front of the next statement of
+/// the transaction, in one call. In the group commit, whose reads all come
+/// before its writes, BEGIN goes with the first read and the writes with the
+/// COMMIT: a batch of sends is two calls, the dedup lookup and the commit. A
+/// deferred write that fails fails that later call, and the caller rolls back
+/// as it would have on the write.
 #[derive(Debug)]
 pub(crate) struct SqliteLogWriter {
     conn: SqliteConnection,
+    /// What the open transaction has not sent yet.
+    pending: Pending,
+    /// Calls made on `conn`: the tests count the hand-offs of a transaction.
+    #[cfg(test)]
+    round_trips: u64,
+}
+
+/// Statements not sent yet, each followed by `;`: they go in front of the next
+/// statement on the writer's connection, as one multi-statement query (sqlx
+/// binds the `?` parameters of its statements in order).
+#[derive(Default)]
+struct Pending {
+    query: QueryBuilder<Sqlite>,
+    /// Statements in `query`.
+    statements: usize,
+    /// Whether one of them is a write: the text then changes with every batch,
+    /// and is prepared for its one call instead of taking a place in the
+    /// statement cache.
+    writes: bool,
+}
+
+impl Pending {
+    /// Defers the start of a transaction.
+    fn begin(&mut self) {
+        // IMMEDIATE takes the write lock when the transaction starts, before its
+        // reads, rather than at its first write: a busy database is waited for
+        // (busy_timeout) before any work is done.
+        self.query.push("BEGIN IMMEDIATE; ");
+        self.statements += 1;
+    }
+
+    /// Defers the writes `push` appends to the query; it returns how many
+    /// statements it appended.
+    fn defer(&mut self, push: impl FnOnce(&mut QueryBuilder<Sqlite>) -> usize) {
+        let statements = push(&mut self.query);
+        self.statements += statements;
+        self.writes |= statements > 0;
+    }
+
+    /// Returns the pending query, for the caller to append the statements it
+    /// sends with it, and whether its text may be cached (it holds no write).
+    /// Nothing stays pending.
+    fn take(&mut self) -> (QueryBuilder<Sqlite>, bool) {
+        let pending = std::mem::take(self);
+        (pending.query, !pending.writes)
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // QueryBuilder is not Debug.
+        f.debug_struct("Pending")
+            .field("statements", &self.statements)
+            .field("writes", &self.writes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Most bound parameters one SQLite statement may carry
 /// (`SQLITE_MAX_VARIABLE_NUMBER`, 32766 since SQLite 3.32).
 const MAX_BIND_PARAMS: usize = 32_766;
 
-/// Returns the row counts of the statements that carry `rows` rows of `columns`
-/// bound parameters each: as many full chunks as fit under [`MAX_BIND_PARAMS`],
-/// then the remainder split into powers of two, largest first.
-///
-/// Why powers of two: sqlx prepares and caches one statement per distinct SQL
-/// text, and a multi-row statement's text depends on its row count. Cutting
-/// every remainder into 1, 2, 4, ... rows bounds the texts of one kind of
-/// statement to about 15 (one full size and 14 powers of two below 10,922), so
-/// the writer's four batch statements stay well inside its statement cache
-/// ([`WRITER_STATEMENT_CACHE`]) and are prepared once, instead of preparing (and
-/// evicting) a new text for nearly every batch size. The price is at most
-/// log2(chunk) statements for a remainder, still independent of the number of
-/// messages.
-fn chunk_sizes(rows: usize, columns: usize) -> impl Iterator<Item = usize> {
+/// Returns how many rows of `columns` bound parameters each fit in one
+/// statement.
+fn full_chunk(columns: usize) -> usize {
     debug_assert!((1..=MAX_BIND_PARAMS).contains(&columns));
-    let full = MAX_BIND_PARAMS / columns;
-    let remainder = rows % full;
-    let powers = (0..usize::BITS)
-        .rev()
-        .map(|bit| 1_usize << bit)
-        .filter(move |power| remainder & power != 0);
-    std::iter::repeat_n(full, rows / full).chain(powers)
+    MAX_BIND_PARAMS / columns
 }
 
-/// Splits `items` into the chunks of [`chunk_sizes`].
-fn chunks<T>(items: &[T], columns: usize) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    chunk_sizes(items.len(), columns).map(move |size| {
-        let (chunk, tail) = rest.split_at(size);
-        rest = tail;
-        chunk
-    })
+/// Returns how many keys the read of a chunk of `len` keys of `columns`
+/// parameters each carries: `len` rounded up to a power of two, at most a full
+/// chunk, the rest filled with NULL keys (an equality with NULL matches no row).
+///
+/// Why: sqlx prepares and caches one statement per distinct SQL text, and a
+/// multi-row statement's text depends on its row count. Padding bounds the
+/// texts of one keyed read to 16 (a full chunk and the powers of two below it),
+/// so that the reads are prepared once and stay in the statement cache
+/// ([`WRITER_STATEMENT_CACHE`]), instead of preparing (and evicting) a new text
+/// for nearly every batch size; and a read below a full chunk stays one
+/// statement. The price is at most twice the keys. The writes are not padded:
+/// they carry values, and their texts are not cached ([`Pending::writes`]).
+fn padded_len(len: usize, columns: usize) -> usize {
+    len.next_power_of_two().min(full_chunk(columns))
+}
+
+/// Appends to `query` one statement per chunk of `rows`: `head`, the chunk as
+/// `VALUES` (rows of `columns` parameters, bound by `push_row`), `tail` and
+/// `;`. A chunk is as many rows as fit under [`MAX_BIND_PARAMS`]; with
+/// `padded`, the last one is filled with rows of NULLs up to [`padded_len`].
+/// Returns the number of statements appended.
+fn push_rows<T>(
+    query: &mut QueryBuilder<Sqlite>,
+    (head, tail): (&str, &str),
+    rows: &[T],
+    columns: usize,
+    padded: bool,
+    mut push_row: impl FnMut(Separated<'_, Sqlite, &'static str>, &T),
+) -> usize {
+    let mut statements = 0;
+    for chunk in rows.chunks(full_chunk(columns)) {
+        let padding = if padded {
+            padded_len(chunk.len(), columns) - chunk.len()
+        } else {
+            0
+        };
+        let rows = chunk.iter().map(Some).chain(iter::repeat_n(None, padding));
+        query.push(head);
+        query.push_values(rows, |mut values, row| match row {
+            Some(row) => push_row(values, row),
+            None => {
+                for _ in 0..columns {
+                    values.push_bind(None::<i64>);
+                }
+            }
+        });
+        query.push(tail).push("; ");
+        statements += 1;
+    }
+    statements
+}
+
+/// Appends the dedup lookup of `keys` (sender id, client_msg_id) to `query`;
+/// returns the number of statements appended.
+fn push_find_sent(query: &mut QueryBuilder<Sqlite>, keys: &[(i64, &str)]) -> usize {
+    // The keys as a constant table joined to the unique index: one index seek
+    // per key (EXPLAIN QUERY PLAN: SCAN k, SEARCH m USING INDEX
+    // messages_sender_client_msg_id; pinned by a test).
+    let statement = (
+        concat!("SELECT ", message_columns!(), " FROM ("),
+        ") AS k JOIN messages m ON m.sender_id = k.column1 AND m.client_msg_id = k.column2",
+    );
+    push_rows(
+        query,
+        statement,
+        keys,
+        2,
+        true,
+        |mut row, &(sender_id, client_msg_id)| {
+            row.push_bind(sender_id).push_bind(client_msg_id);
+        },
+    )
+}
+
+/// Appends to `query` the deletion of the rows of `user_ids` in one
+/// conversation from `table` (a table keyed by `(conversation_id, user_id)`);
+/// returns the number of statements appended.
+fn push_delete(
+    query: &mut QueryBuilder<Sqlite>,
+    table: &'static str,
+    conversation_id: i64,
+    user_ids: &[i64],
+) -> usize {
+    let mut statements = 0;
+    // One parameter per id, and one for the conversation.
+    for chunk in user_ids.chunks(MAX_BIND_PARAMS - 1) {
+        query.push(format_args!("DELETE FROM {table} WHERE conversation_id = "));
+        query.push_bind(conversation_id).push(" AND user_id IN (");
+        let mut ids = query.separated(", ");
+        for &user_id in chunk {
+            ids.push_bind(user_id);
+        }
+        query.push("); ");
+        statements += 1;
+    }
+    statements
 }
 
 /// The head of a user's event sequence ([`common::Shared::sync`]): the last
@@ -203,6 +346,37 @@ impl MessageStore for SqliteStore {
     }
 }
 
+impl SqliteLogWriter {
+    fn new(conn: SqliteConnection) -> Self {
+        Self {
+            conn,
+            pending: Pending::default(),
+            #[cfg(test)]
+            round_trips: 0,
+        }
+    }
+
+    /// Returns the connection for one call on it.
+    fn conn(&mut self) -> &mut SqliteConnection {
+        #[cfg(test)]
+        {
+            self.round_trips += 1;
+        }
+        &mut self.conn
+    }
+
+    /// Sends what is pending, if anything: before a statement that cannot go
+    /// with it (its `$N` parameters count from the query's first).
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.statements == 0 {
+            return Ok(());
+        }
+        let (mut query, _) = self.pending.take();
+        query.build().persistent(false).execute(self.conn()).await?;
+        Ok(())
+    }
+}
+
 impl LogWriter for SqliteLogWriter {
     /// One process owns the file: the writer may keep sequence numbers between
     /// transactions.
@@ -211,14 +385,8 @@ impl LogWriter for SqliteLogWriter {
     }
 
     fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-        // IMMEDIATE takes the write lock now rather than at the first INSERT, so a
-        // busy database is waited for (busy_timeout) before any work is done.
-        Box::pin(async move {
-            sqlx::raw_sql("BEGIN IMMEDIATE")
-                .execute(&mut self.conn)
-                .await?;
-            Ok(())
-        })
+        self.pending.begin();
+        Box::pin(future::ready(Ok(())))
     }
 
     fn find_sent_many<'a>(
@@ -226,26 +394,17 @@ impl LogWriter for SqliteLogWriter {
         keys: &'a [(i64, &'a str)],
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>> {
         Box::pin(async move {
-            let mut found = Vec::new();
-            for chunk in chunks(keys, 2) {
-                // The keys as a constant table joined to the unique index: one index
-                // seek per key (EXPLAIN QUERY PLAN: SCAN k, SEARCH m USING INDEX
-                // messages_sender_client_msg_id).
-                let mut query =
-                    QueryBuilder::<Sqlite>::new(concat!("SELECT ", message_columns!(), " FROM ("));
-                query.push_values(chunk, |mut row, &(sender_id, client_msg_id)| {
-                    row.push_bind(sender_id).push_bind(client_msg_id);
-                });
-                query.push(
-                    ") AS k JOIN messages m \
-                     ON m.sender_id = k.column1 AND m.client_msg_id = k.column2",
-                );
-                let rows = query.build().fetch_all(&mut self.conn).await?;
-                for row in &rows {
-                    found.push(message_from_row(row)?);
-                }
+            if keys.is_empty() {
+                return Ok(Vec::new());
             }
-            Ok(found)
+            let (mut query, cacheable) = self.pending.take();
+            let statements = push_find_sent(&mut query, keys);
+            let rows = query
+                .build()
+                .persistent(cacheable && statements == 1)
+                .fetch_all(self.conn())
+                .await?;
+            rows.iter().map(message_from_row).collect()
         })
     }
 
@@ -254,28 +413,34 @@ impl LogWriter for SqliteLogWriter {
         user_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>> {
         Box::pin(async move {
-            let mut last = HashMap::with_capacity(user_ids.len());
-            for chunk in chunks(user_ids, 1) {
-                // A correlated MAX per user is one seek at the end of the user's
-                // primary-key range; `WHERE user_id IN (..) GROUP BY user_id` would
-                // read every event of every user named (measured: 0.1 ms against
-                // 120 ms for 3 users of 200,000 events each).
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT k.column1 AS user_id, \
-                     (SELECT MAX(seq) FROM user_events WHERE user_id = k.column1) AS seq \
-                     FROM (",
-                );
-                query.push_values(chunk, |mut row, &user_id| {
-                    row.push_bind(user_id);
-                });
-                query.push(") AS k");
-                let rows: Vec<(i64, Option<i64>)> =
-                    query.build_query_as().fetch_all(&mut self.conn).await?;
-                let seqs = rows
-                    .into_iter()
-                    .map(|(user, seq)| (user, seq.map(seq_from_sql)));
-                extend_present(&mut last, seqs);
+            if user_ids.is_empty() {
+                return Ok(HashMap::new());
             }
+            let (mut query, cacheable) = self.pending.take();
+            // A correlated MAX per user is one seek at the end of the user's
+            // primary-key range; `WHERE user_id IN (..) GROUP BY user_id` would
+            // read every event of every user named (measured: 0.1 ms against
+            // 120 ms for 3 users of 200,000 events each).
+            let statement = (
+                "SELECT k.column1 AS user_id, \
+                 (SELECT MAX(seq) FROM user_events WHERE user_id = k.column1) AS seq \
+                 FROM (",
+                ") AS k",
+            );
+            let statements = push_rows(&mut query, statement, user_ids, 1, true, |mut row, &id| {
+                row.push_bind(id);
+            });
+            // The padding keys come back as (NULL, NULL).
+            let rows: Vec<(Option<i64>, Option<i64>)> = query
+                .build_query_as()
+                .persistent(cacheable && statements == 1)
+                .fetch_all(self.conn())
+                .await?;
+            let seqs = rows
+                .into_iter()
+                .filter_map(|(user, seq)| Some((user?, seq.map(seq_from_sql))));
+            let mut last = HashMap::with_capacity(user_ids.len());
+            extend_present(&mut last, seqs);
             Ok(last)
         })
     }
@@ -284,49 +449,45 @@ impl LogWriter for SqliteLogWriter {
         &'a mut self,
         messages: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for chunk in chunks(messages, 8) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO messages (id, conversation_id, sender_id, sender_device, \
-                     client_msg_id, sent_at_ms, text, notice) ",
-                );
-                query.push_values(chunk, |mut row, message| {
-                    row.push_bind(message.id)
-                        .push_bind(message.conversation_id)
-                        .push_bind(message.sender_id)
-                        .push_bind(message.sender_device.as_str())
-                        .push_bind(message.client_msg_id.as_str())
-                        .push_bind(message.sent_at_ms)
-                        .push_bind(message.text.as_str())
-                        .push_bind(notice_to_sql(message));
-                });
-                query.build().execute(&mut self.conn).await?;
-            }
-            Ok(())
-        })
+        let statement = (
+            "INSERT INTO messages (id, conversation_id, sender_id, sender_device, \
+             client_msg_id, sent_at_ms, text, notice) ",
+            "",
+        );
+        self.pending.defer(|query| {
+            push_rows(query, statement, messages, 8, false, |mut row, message| {
+                row.push_bind(message.id)
+                    .push_bind(message.conversation_id)
+                    .push_bind(message.sender_id)
+                    .push_bind(message.sender_device.as_str())
+                    .push_bind(message.client_msg_id.as_str())
+                    .push_bind(message.sent_at_ms)
+                    .push_bind(message.text.as_str())
+                    .push_bind(notice_to_sql(message));
+            })
+        });
+        Box::pin(future::ready(Ok(())))
     }
 
     fn insert_events<'a>(
         &'a mut self,
         events: &'a [EventRow],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for chunk in chunks(events, 5) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO user_events (user_id, seq, kind, message_id, payload) ",
-                );
-                query.push_values(chunk, |mut row, event| {
-                    let (kind, payload) = event_to_sql(&event.payload);
-                    row.push_bind(event.user_id)
-                        .push_bind(seq_to_sql(event.seq))
-                        .push_bind(kind)
-                        .push_bind(event.message_id)
-                        .push_bind(payload);
-                });
-                query.build().execute(&mut self.conn).await?;
-            }
-            Ok(())
-        })
+        let statement = (
+            "INSERT INTO user_events (user_id, seq, kind, message_id, payload) ",
+            "",
+        );
+        self.pending.defer(|query| {
+            push_rows(query, statement, events, 5, false, |mut row, event| {
+                let (kind, payload) = event_to_sql(&event.payload);
+                row.push_bind(event.user_id)
+                    .push_bind(seq_to_sql(event.seq))
+                    .push_bind(kind)
+                    .push_bind(event.message_id)
+                    .push_bind(payload);
+            })
+        });
+        Box::pin(future::ready(Ok(())))
     }
 
     fn newest_ids<'a>(
@@ -334,23 +495,39 @@ impl LogWriter for SqliteLogWriter {
         conversation_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<HashMap<i64, i64>, StoreError>> {
         Box::pin(async move {
-            let mut newest = HashMap::with_capacity(conversation_ids.len());
-            for chunk in chunks(conversation_ids, 1) {
-                // A correlated MAX is one seek at the end of each conversation's
-                // index range (as in `last_seqs`).
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT k.column1 AS conversation_id, \
-                     (SELECT MAX(id) FROM messages WHERE conversation_id = k.column1) AS id \
-                     FROM (",
-                );
-                query.push_values(chunk, |mut row, &conversation_id| {
-                    row.push_bind(conversation_id);
-                });
-                query.push(") AS k");
-                let rows: Vec<(i64, Option<i64>)> =
-                    query.build_query_as().fetch_all(&mut self.conn).await?;
-                extend_present(&mut newest, rows);
+            if conversation_ids.is_empty() {
+                return Ok(HashMap::new());
             }
+            let (mut query, cacheable) = self.pending.take();
+            // A correlated MAX is one seek at the end of each conversation's
+            // index range (as in `last_seqs`).
+            let statement = (
+                "SELECT k.column1 AS conversation_id, \
+                 (SELECT MAX(id) FROM messages WHERE conversation_id = k.column1) AS id \
+                 FROM (",
+                ") AS k",
+            );
+            let statements = push_rows(
+                &mut query,
+                statement,
+                conversation_ids,
+                1,
+                true,
+                |mut row, &id| {
+                    row.push_bind(id);
+                },
+            );
+            // The padding keys come back as (NULL, NULL).
+            let rows: Vec<(Option<i64>, Option<i64>)> = query
+                .build_query_as()
+                .persistent(cacheable && statements == 1)
+                .fetch_all(self.conn())
+                .await?;
+            let ids = rows
+                .into_iter()
+                .filter_map(|(conversation, id)| Some((conversation?, id)));
+            let mut newest = HashMap::with_capacity(conversation_ids.len());
+            extend_present(&mut newest, ids);
             Ok(newest)
         })
     }
@@ -360,23 +537,33 @@ impl LogWriter for SqliteLogWriter {
         keys: &'a [(i64, i64)],
     ) -> BoxFuture<'a, Result<WatermarkMap, StoreError>> {
         Box::pin(async move {
-            let mut found = HashMap::with_capacity(keys.len());
-            for chunk in chunks(keys, 2) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT r.conversation_id AS conversation_id, r.user_id AS user_id, \
-                     r.delivered_up_to AS delivered_up_to, r.read_up_to AS read_up_to FROM (",
-                );
-                query.push_values(chunk, |mut row, &(conversation_id, user_id)| {
-                    row.push_bind(conversation_id).push_bind(user_id);
-                });
-                query.push(
-                    ") AS k JOIN receipts r \
-                     ON r.conversation_id = k.column1 AND r.user_id = k.column2",
-                );
-                let rows: Vec<(i64, i64, i64, i64)> =
-                    query.build_query_as().fetch_all(&mut self.conn).await?;
-                extend_watermarks(&mut found, rows);
+            if keys.is_empty() {
+                return Ok(HashMap::new());
             }
+            let (mut query, cacheable) = self.pending.take();
+            let statement = (
+                "SELECT r.conversation_id AS conversation_id, r.user_id AS user_id, \
+                 r.delivered_up_to AS delivered_up_to, r.read_up_to AS read_up_to FROM (",
+                ") AS k JOIN receipts r \
+                 ON r.conversation_id = k.column1 AND r.user_id = k.column2",
+            );
+            let statements = push_rows(
+                &mut query,
+                statement,
+                keys,
+                2,
+                true,
+                |mut row, &(conversation_id, user_id)| {
+                    row.push_bind(conversation_id).push_bind(user_id);
+                },
+            );
+            let rows: Vec<(i64, i64, i64, i64)> = query
+                .build_query_as()
+                .persistent(cacheable && statements == 1)
+                .fetch_all(self.conn())
+                .await?;
+            let mut found = HashMap::with_capacity(keys.len());
+            extend_watermarks(&mut found, rows);
             Ok(found)
         })
     }
@@ -385,25 +572,58 @@ impl LogWriter for SqliteLogWriter {
         &'a mut self,
         rows: &'a [(i64, i64, Watermarks)],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for chunk in chunks(rows, 4) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO receipts (conversation_id, user_id, delivered_up_to, read_up_to) ",
-                );
-                query.push_values(chunk, |mut row, &(conversation_id, user_id, marks)| {
+        let statement = (
+            "INSERT INTO receipts (conversation_id, user_id, delivered_up_to, read_up_to) ",
+            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+             delivered_up_to = excluded.delivered_up_to, \
+             read_up_to = excluded.read_up_to",
+        );
+        self.pending.defer(|query| {
+            push_rows(
+                query,
+                statement,
+                rows,
+                4,
+                false,
+                |mut row, &(conversation_id, user_id, marks)| {
                     row.push_bind(conversation_id)
                         .push_bind(user_id)
                         .push_bind(marks.delivered_up_to)
                         .push_bind(marks.read_up_to);
-                });
-                query.push(
-                    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
-                     delivered_up_to = excluded.delivered_up_to, \
-                     read_up_to = excluded.read_up_to",
-                );
-                query.build().execute(&mut self.conn).await?;
-            }
-            Ok(())
+                },
+            )
+        });
+        Box::pin(future::ready(Ok(())))
+    }
+
+    fn senders_between(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        up_to: i64,
+        except: i64,
+    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            // A receipt command's read, after the batch's first: nothing is
+            // pending in the group commit.
+            self.flush().await?;
+            let conn = self.conn();
+            common::Shared::senders_between(conn, conversation_id, after, up_to, except).await
+        })
+    }
+
+    fn count_unread(
+        &mut self,
+        conversation_id: i64,
+        after: i64,
+        user_id: i64,
+        cap: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(async move {
+            // As in `senders_between`.
+            self.flush().await?;
+            let conn = self.conn();
+            common::Shared::count_unread(conn, conversation_id, after, user_id, cap).await
         })
     }
 
@@ -413,28 +633,31 @@ impl LogWriter for SqliteLogWriter {
         leaves: &'a [(i64, i64)],
         drop_receipts: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for chunk in chunks(leaves, 3) {
-                let mut query = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO former_members (conversation_id, user_id, last_visible_id) ",
-                );
-                query.push_values(chunk, |mut row, &(user_id, last_visible_id)| {
+        let statement = (
+            "INSERT INTO former_members (conversation_id, user_id, last_visible_id) ",
+            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+             last_visible_id = excluded.last_visible_id",
+        );
+        self.pending.defer(|query| {
+            push_rows(
+                query,
+                statement,
+                leaves,
+                3,
+                false,
+                |mut row, &(user_id, last_visible_id)| {
                     row.push_bind(conversation_id)
                         .push_bind(user_id)
                         .push_bind(last_visible_id);
-                });
-                query.push(
-                    " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
-                     last_visible_id = excluded.last_visible_id",
-                );
-                query.build().execute(&mut self.conn).await?;
-            }
-            if drop_receipts {
-                let user_ids: Vec<i64> = leaves.iter().map(|&(user_id, _)| user_id).collect();
-                delete_rows(&mut self.conn, "receipts", conversation_id, &user_ids).await?;
-            }
-            Ok(())
-        })
+                },
+            )
+        });
+        if drop_receipts {
+            let user_ids: Vec<i64> = leaves.iter().map(|&(user_id, _)| user_id).collect();
+            self.pending
+                .defer(|query| push_delete(query, "receipts", conversation_id, &user_ids));
+        }
+        Box::pin(future::ready(Ok(())))
     }
 
     fn clear_leaves<'a>(
@@ -442,21 +665,35 @@ impl LogWriter for SqliteLogWriter {
         conversation_id: i64,
         user_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(delete_rows(
-            &mut self.conn,
-            "former_members",
-            conversation_id,
-            user_ids,
-        ))
+        self.pending
+            .defer(|query| push_delete(query, "former_members", conversation_id, user_ids));
+        Box::pin(future::ready(Ok(())))
     }
 
-    common::shared_writes!(senders_between, count_unread, commit, close);
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            // The whole transaction when it read nothing, its writes otherwise:
+            // one call. A failed write stops the query before the COMMIT, and the
+            // caller rolls back.
+            let (mut query, cacheable) = self.pending.take();
+            query.push("COMMIT");
+            query
+                .build()
+                .persistent(cacheable)
+                .execute(self.conn())
+                .await?;
+            Ok(())
+        })
+    }
 
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
+        // What was not sent is not done.
+        self.pending = Pending::default();
         Box::pin(async move {
-            // SQLite ends the transaction itself on some errors; then there is
-            // nothing left to roll back.
-            match sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await {
+            // SQLite ends the transaction itself on some errors, and a
+            // transaction that sent nothing never began; then there is nothing
+            // left to roll back.
+            match sqlx::raw_sql("ROLLBACK").execute(self.conn()).await {
                 Err(sqlx::Error::Database(error))
                     if error.message().contains("no transaction is active") =>
                 {
@@ -467,29 +704,8 @@ impl LogWriter for SqliteLogWriter {
             }
         })
     }
-}
 
-/// Deletes the rows of `user_ids` in one conversation from `table` (a table
-/// keyed by `(conversation_id, user_id)`).
-async fn delete_rows(
-    conn: &mut SqliteConnection,
-    table: &'static str,
-    conversation_id: i64,
-    user_ids: &[i64],
-) -> Result<(), StoreError> {
-    // Two "columns" per id leave room for the conversation id's parameter.
-    for chunk in chunks(user_ids, 2) {
-        let mut query =
-            QueryBuilder::<Sqlite>::new(format!("DELETE FROM {table} WHERE conversation_id = "));
-        query.push_bind(conversation_id).push(" AND user_id IN (");
-        let mut ids = query.separated(", ");
-        for &user_id in chunk {
-            ids.push_bind(user_id);
-        }
-        query.push(")");
-        query.build().execute(&mut *conn).await?;
-    }
-    Ok(())
+    common::shared_writes!(close);
 }
 
 #[cfg(test)]

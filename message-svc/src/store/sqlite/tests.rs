@@ -1,11 +1,15 @@
 //! Tests of the SQLite backend: the conformance suite of the store traits
-//! (`store::tests`), then what only SQLite has (statement chunks, the column
+//! (`store::tests`), then what only SQLite has (statement chunks, writes deferred
+//! to the commit, the calls a group commit makes on the connection, the column
 //! migration of older files).
 
 use sqlx::Connection as _;
 
 use super::*;
-use crate::store::tests::{BATCH_KEYS, BATCH_MESSAGES, BATCH_USERS, Log, Store, message};
+use crate::store::HistoryQuery;
+use crate::store::tests::{
+    BATCH_KEYS, BATCH_MESSAGES, BATCH_USERS, Log, Store, event_row, message,
+};
 
 /// Opens a fresh database in a new temporary directory, which the guard keeps.
 async fn open_fresh() -> (Store, Log, tempfile::TempDir) {
@@ -30,34 +34,186 @@ const _: () = assert!(
         && BATCH_USERS as usize > MAX_BIND_PARAMS
 );
 
-/// Chunks never exceed SQLite's parameter limit, cover every row in order,
-/// and come in few distinct sizes: full chunks, then powers of two.
+/// Statements never exceed SQLite's parameter limit and cover every row in
+/// order; a keyed read below a full chunk is one statement, padded to one of
+/// few row counts.
 #[test]
-fn chunk_sizes_bounded_and_complete() {
-    assert_eq!(
-        chunk_sizes(18_000, 3).collect::<Vec<_>>(),
-        vec![10_922, 4_096, 2_048, 512, 256, 128, 32, 4, 2]
-    );
-    assert_eq!(chunk_sizes(0, 7).count(), 0);
-    assert_eq!(chunk_sizes(64, 7).collect::<Vec<_>>(), vec![64]);
-    assert_eq!(chunk_sizes(4_680, 7).collect::<Vec<_>>(), vec![4_680]);
+fn chunks_bounded_and_reads_padded() {
+    assert_eq!(full_chunk(3), 10_922);
+    assert_eq!(padded_len(1, 2), 1);
+    assert_eq!(padded_len(15, 2), 16);
+    assert_eq!(padded_len(16, 2), 16);
+    assert_eq!(padded_len(9_000, 2), 16_383);
     let mut distinct = std::collections::BTreeSet::new();
     for columns in [1, 2, 3, 7] {
-        for rows in (0..40_000).step_by(37) {
-            let sizes: Vec<usize> = chunk_sizes(rows, columns).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), rows);
-            assert!(sizes.iter().all(|size| size * columns <= MAX_BIND_PARAMS));
-            distinct.extend(sizes.iter().map(|&size| (columns, size)));
+        for len in 1..=full_chunk(columns) {
+            let padded = padded_len(len, columns);
+            assert!(len <= padded && padded * columns <= MAX_BIND_PARAMS);
+            distinct.insert((columns, padded));
         }
     }
-    assert!(
-        distinct.len() <= 4 * 16,
-        "{} statement texts",
-        distinct.len()
-    );
-    let items: Vec<u32> = (0..1_000).collect();
-    let joined: Vec<u32> = chunks(&items, 7).flatten().copied().collect();
-    assert_eq!(joined, items);
+    assert!(distinct.len() <= 4 * 16, "{} read texts", distinct.len());
+
+    let items: Vec<i64> = (0..40_000).collect();
+    for (columns, statements) in [(1, 2), (5, 7), (8, 10)] {
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        let mut bound = Vec::new();
+        let count = push_rows(
+            &mut query,
+            ("SELECT ", ""),
+            &items,
+            columns,
+            false,
+            |mut row, &item| {
+                bound.push(item);
+                for _ in 0..columns {
+                    row.push_bind(item);
+                }
+            },
+        );
+        assert_eq!(count, statements);
+        assert_eq!(bound, items);
+        let sql = query.sql();
+        for statement in sql.as_str().split("; ").filter(|s| !s.is_empty()) {
+            assert!(statement.matches('?').count() <= MAX_BIND_PARAMS);
+        }
+    }
+}
+
+/// Opens a fresh database and returns its writer as itself, not boxed.
+async fn open_writer() -> (SqliteStore, SqliteLogWriter, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, log) = open(&dir.path().join("m.db")).await.unwrap();
+    (store, log, dir)
+}
+
+/// Returns the newest messages of conversation 7.
+async fn conversation(store: &SqliteStore) -> Vec<StoredMessage> {
+    let query = HistoryQuery {
+        conversation_id: 7,
+        before: None,
+        after: None,
+        up_to: None,
+        limit: 10,
+    };
+    store.history(query).await.unwrap().items
+}
+
+/// The writes wait for the commit: a write the database refuses (a repeated
+/// event key) fails the commit, not the write; after the rollback nothing of
+/// the batch is stored, a rolled back batch's writes are not sent with the
+/// next one, and the next batch commits.
+#[tokio::test]
+async fn writes_deferred_to_commit_and_dropped_by_rollback() {
+    let (store, mut log, dir) = open_writer().await;
+    log.begin().await.unwrap();
+    log.insert_messages(&[message(1, 7), message(2, 7)])
+        .await
+        .unwrap();
+    log.insert_events(&[event_row(1, 1, 1), event_row(1, 1, 2)])
+        .await
+        .unwrap();
+    log.save_watermarks(&[(7, 1, Watermarks::default())])
+        .await
+        .unwrap();
+    let error = log.commit().await.unwrap_err();
+    assert!(matches!(error, StoreError::Sql(_)), "{error:?}");
+    log.rollback().await.unwrap();
+    assert!(conversation(&store).await.is_empty());
+    assert!(store.sync(1, 0, 10).await.unwrap().events.items.is_empty());
+    assert!(store.watermarks(7, 0, 10).await.unwrap().is_empty());
+
+    log.begin().await.unwrap();
+    log.insert_messages(&[message(3, 7)]).await.unwrap();
+    log.rollback().await.unwrap();
+
+    log.begin().await.unwrap();
+    log.insert_messages(&[message(4, 7)]).await.unwrap();
+    log.insert_events(&[event_row(1, 1, 4)]).await.unwrap();
+    log.commit().await.unwrap();
+    assert_eq!(conversation(&store).await, vec![message(4, 7)]);
+    assert_eq!(store.sync(1, 0, 10).await.unwrap().head, 1);
+    Box::new(log).close().await.unwrap();
+    finish(dir).await;
+}
+
+/// Runs the group commit of sends of messages `ids` as the writer does (the
+/// dedup lookup, the messages, an event for each of two users, the commit) and
+/// returns the calls it made on the connection.
+async fn commit_sends(log: &mut SqliteLogWriter, ids: std::ops::Range<i64>) -> u64 {
+    let messages: Vec<StoredMessage> = ids.map(|id| message(id, 7)).collect();
+    let keys: Vec<(i64, &str)> = messages
+        .iter()
+        .map(|m| (m.sender_id, m.client_msg_id.as_str()))
+        .collect();
+    let events: Vec<EventRow> = messages
+        .iter()
+        .flat_map(|m| [1, 2].map(|user| event_row(user, m.id as u64, m.id)))
+        .collect();
+    let before = log.round_trips;
+    log.begin().await.unwrap();
+    assert!(log.find_sent_many(&keys).await.unwrap().is_empty());
+    log.insert_messages(&messages).await.unwrap();
+    log.insert_events(&events).await.unwrap();
+    log.commit().await.unwrap();
+    log.round_trips - before
+}
+
+/// A group commit of sends is two calls on the connection (BEGIN with the
+/// dedup lookup, the writes with the COMMIT) and caches no new statement when
+/// the batch size changes a little; one of receipts is three (BEGIN with the
+/// watermark lookup, the newest ids, the writes with the COMMIT).
+#[tokio::test]
+async fn group_commit_round_trips() {
+    let (_store, mut log, dir) = open_writer().await;
+    assert_eq!(commit_sends(&mut log, 1..16).await, 2);
+    let cached = log.conn.cached_statements_size();
+    // 13 keys are padded to the 16 of the lookup before.
+    assert_eq!(commit_sends(&mut log, 16..29).await, 2);
+    assert_eq!(log.conn.cached_statements_size(), cached);
+
+    let before = log.round_trips;
+    log.begin().await.unwrap();
+    let marks = log.load_watermarks(&[(7, 2), (7, 3)]).await.unwrap();
+    assert!(marks.is_empty());
+    assert_eq!(log.newest_ids(&[7]).await.unwrap()[&7], 28);
+    let moved = Watermarks {
+        delivered_up_to: 28,
+        read_up_to: 28,
+    };
+    log.save_watermarks(&[(7, 2, moved), (7, 3, moved)])
+        .await
+        .unwrap();
+    log.commit().await.unwrap();
+    assert_eq!(log.round_trips - before, 3);
+    let marks = log.load_watermarks(&[(7, 2)]).await.unwrap();
+    assert_eq!(marks[&(7, 2)], moved);
+    Box::new(log).close().await.unwrap();
+    finish(dir).await;
+}
+
+/// The dedup lookup, padded or not, seeks the unique index once per key.
+#[tokio::test]
+async fn dedup_lookup_uses_the_unique_index() {
+    let (_store, mut log, dir) = open_writer().await;
+    for keys in [&[(1, "a")][..], &[(1, "a"), (2, "b"), (3, "c")]] {
+        let mut query = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
+        assert_eq!(push_find_sent(&mut query, keys), 1);
+        let plan: Vec<(i64, i64, i64, String)> = query
+            .build_query_as()
+            .fetch_all(&mut log.conn)
+            .await
+            .unwrap();
+        let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("SEARCH m USING INDEX messages_sender_client_msg_id")),
+            "{details:?}"
+        );
+    }
+    Box::new(log).close().await.unwrap();
+    finish(dir).await;
 }
 
 /// A file created before notices and receipts gains the new columns at
