@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::client::Servers;
+use crate::client::{Servers, Transport};
 use crate::report::{RunResult, kib_field};
 
 pub(crate) mod worker;
@@ -54,26 +54,6 @@ const PAGE_BYTES: u64 = 4096;
 
 /// Clock ticks per second of /proc/PID/stat (`USER_HZ`, 100 on Linux).
 const TICKS_PER_S: f64 = 100.0;
-
-/// The live connection every client holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Transport {
-    /// gRPC `Edge.Stream` (HTTP/2, one TCP connection per client).
-    Grpc,
-    /// WebSocket `GET /v1/ws` with binary protobuf frames.
-    Ws,
-}
-
-impl Transport {
-    /// The flag value, as the workers are given it.
-    fn name(self) -> &'static str {
-        match self {
-            Self::Grpc => "grpc",
-            Self::Ws => "ws",
-        }
-    }
-}
 
 /// Arguments of the connections scenario.
 #[derive(Debug, clap::Args, Serialize)]
@@ -593,18 +573,5 @@ mod tests {
         assert!(Report::parse("open three 0").is_err());
         assert!(Report::parse("opened -1").is_err());
         assert!(Report::parse("Error: connection refused").is_err());
-    }
-
-    #[test]
-    fn transports_are_named_as_their_flag() {
-        use clap::ValueEnum as _;
-        for transport in Transport::value_variants() {
-            let name = transport.to_possible_value().unwrap();
-            assert_eq!(name.get_name(), transport.name());
-            assert_eq!(
-                serde_json::to_value(transport).unwrap(),
-                serde_json::json!(transport.name())
-            );
-        }
     }
 }

@@ -1,15 +1,18 @@
 //! Scenario `one-to-one`: P pairs of freshly registered users, each on its own
-//! `Edge.Stream`; every sender sends on a fixed schedule (open loop: the next send
-//! does not wait for the previous acknowledgement, so a slow server shows up as
-//! latency instead of hiding it). Latency is measured from the *scheduled* send
-//! time to the acknowledgement (*sent*) and to the arrival at the peer
-//! (*delivered*). With several servers (gateways of one cluster) the two members
-//! of a pair connect to different ones: pair `i` sends through server `i % n` and
-//! receives through server `(i + 1) % n`.
+//! live connection and TCP connection (`--transport`: gRPC `Edge.Stream` or the
+//! WebSocket `/v1/ws`, for sender and receiver alike); every sender sends on a
+//! fixed schedule (open loop: the next send does not wait for the previous
+//! acknowledgement, so a slow server shows up as latency instead of hiding it).
+//! Latency is measured from the *scheduled* send time (when the tick was due, so
+//! that a generator that falls behind shows up too) to the acknowledgement
+//! (*sent*) and to the arrival at the peer (*delivered*). With several servers
+//! (gateways of one cluster) the two members of a pair connect to different
+//! ones: pair `i` sends through server `i % n` and receives through server
+//! `(i + 1) % n`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use confab_proto::v1::accounts_client::AccountsClient;
@@ -20,10 +23,10 @@ use confab_proto::v1::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
-use tokio_stream::StreamExt as _;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tonic::transport::Channel;
 
-use crate::client::{Servers, authorized, open};
+use crate::client::{Live, Servers, Transport, authorized, ws_url};
 use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the one-to-one scenario.
@@ -38,6 +41,10 @@ pub(crate) struct Args {
     /// Seconds of sending.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// The live connection of every sender and receiver: gRPC `Edge.Stream` or
+    /// WebSocket `/v1/ws`.
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
 }
 
 /// Latencies in microseconds, merged from every connection.
@@ -57,6 +64,12 @@ impl Recorder {
 
 /// Runs the scenario against `servers`.
 pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
+    if args.transport == Transport::Ws {
+        // Before registering anyone: every server must have a WebSocket URL.
+        for url in servers.urls() {
+            ws_url(url)?;
+        }
+    }
     let channel = Channel::from_shared(servers.first().to_owned())?
         .connect()
         .await
@@ -65,7 +78,11 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let (interval, total_per_pair) = schedule(args.rate, args.pairs, args.seconds)?;
     let per_pair = 1.0 / interval.as_secs_f64();
     let recorder = Arc::new(Mutex::new(Recorder::new()?));
-    let epoch = Instant::now();
+    let schedule = Schedule {
+        interval,
+        count: total_per_pair,
+        epoch: Instant::now(),
+    };
 
     eprintln!("setting up {} pairs", args.pairs);
     let mut pairs = Vec::new();
@@ -73,19 +90,20 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         pairs.push(Pair::setup(&channel, run_id, i).await?);
     }
     eprintln!(
-        "sending {} msg/s for {} s ({per_pair:.1} msg/s per pair)",
-        args.rate, args.seconds
+        "sending {} msg/s for {} s ({per_pair:.1} msg/s per pair) over {}",
+        args.rate,
+        args.seconds,
+        args.transport.name()
     );
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, pair) in pairs.into_iter().enumerate() {
         let (sender_server, receiver_server) = pair_servers(servers, i);
         tasks.push(tokio::spawn(pair.run(
+            args.transport,
             sender_server.to_owned(),
             receiver_server.to_owned(),
-            interval,
-            total_per_pair,
-            epoch,
+            schedule,
             recorder.clone(),
         )));
     }
@@ -96,7 +114,8 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let recorder = recorder.lock().await;
     let delivered = recorder.delivered.len();
     println!(
-        "one-to-one: {} pairs, offered {} msg/s, {} delivered in {elapsed:.1} s = {:.0} msg/s",
+        "one-to-one over {}: {} pairs, offered {} msg/s, {} delivered in {elapsed:.1} s = {:.0} msg/s",
+        args.transport.name(),
         args.pairs,
         args.rate,
         delivered,
@@ -141,10 +160,36 @@ pub(crate) fn schedule(rate: u64, pairs: usize, seconds: u64) -> anyhow::Result<
     Ok((Duration::from_secs_f64(1.0 / per_pair), count))
 }
 
+/// Returns a ticker of `interval` whose first tick is due at `start`. A tick it
+/// could not deliver on time comes late, at once (`Burst`), and carries the
+/// instant it was due: the schedule is kept, not shifted.
+fn ticker(start: Instant, interval: Duration) -> Interval {
+    let mut ticker = tokio::time::interval_at(start, interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    ticker
+}
+
+/// Returns the microseconds from `epoch` to `at` (0 before it): the time
+/// stamps the messages carry.
+fn micros(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_micros() as u64
+}
+
 /// Returns the servers of pair `i`'s sender and receiver: neighbours in the
 /// list, so that with several servers every message crosses from one to another.
 fn pair_servers(servers: &Servers, i: usize) -> (&str, &str) {
     (servers.nth(i), servers.nth(i + 1))
+}
+
+/// When each pair sends, and what its messages' time stamps count from.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    /// The time between two sends of one pair.
+    interval: Duration,
+    /// The messages each pair sends.
+    count: u64,
+    /// The instant of time stamp 0, shared by every pair.
+    epoch: Instant,
 }
 
 /// One sender and one receiver in one direct conversation.
@@ -190,15 +235,19 @@ impl Pair {
 
     async fn run(
         self,
+        transport: Transport,
         sender_server: String,
         receiver_server: String,
-        interval: Duration,
-        count: u64,
-        epoch: Instant,
+        schedule: Schedule,
         recorder: Arc<Mutex<Recorder>>,
     ) -> anyhow::Result<()> {
-        let (receiver_out, mut receiver_in) = open(&receiver_server, &self.receiver_token).await?;
-        let (sender_out, mut sender_in) = open(&sender_server, &self.sender_token).await?;
+        let Schedule {
+            interval,
+            count,
+            epoch,
+        } = schedule;
+        let mut receiver = Live::open(transport, &receiver_server, &self.receiver_token).await?;
+        let mut sender = Live::open(transport, &sender_server, &self.sender_token).await?;
         let mut sent = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut delivered = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
@@ -206,31 +255,29 @@ impl Pair {
         let receiving = tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             while histogram.len() < count {
-                let frame = receiver_in
-                    .next()
-                    .await
-                    .context("receiver stream ended")??;
+                let frame = receiver.next().await.context("receiver stream ended")??;
                 if let Some(server_frame::Kind::Event(ev)) = frame.kind
                     && let Some(event::Kind::Message(message)) = ev.kind
                 {
                     let scheduled: u64 = message.text.parse()?;
-                    let now = epoch.elapsed().as_micros() as u64;
+                    let now = micros(epoch, Instant::now());
                     histogram.record(now.saturating_sub(scheduled).max(1))?;
                 }
             }
-            drop(receiver_out);
+            receiver.close().await;
             anyhow::Ok(histogram)
         });
 
         // The sender: a fixed schedule, acknowledgements matched by ref.
         let mut scheduled_at = HashMap::new();
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut ticker = ticker(Instant::now(), interval);
         let mut next = 1u64;
         while sent.len() < count {
             tokio::select! {
-                _ = ticker.tick(), if next <= count => {
-                    let scheduled = epoch.elapsed().as_micros() as u64;
+                due = ticker.tick(), if next <= count => {
+                    // When the send was due, not when this task got to it: time
+                    // the generator lost counts as latency (coordinated omission).
+                    let scheduled = micros(epoch, due);
                     scheduled_at.insert(next, scheduled);
                     let frame = ClientFrame {
                         r#ref: next,
@@ -240,15 +287,15 @@ impl Pair {
                             text: scheduled.to_string(),
                         })),
                     };
-                    sender_out.send(frame).await?;
+                    sender.send(frame).await?;
                     next += 1;
                 }
-                frame = sender_in.next() => {
+                frame = sender.next() => {
                     let frame = frame.context("sender stream ended")??;
                     if let Some(server_frame::Kind::Sent(_)) = frame.kind
                         && let Some(scheduled) = scheduled_at.remove(&frame.r#ref)
                     {
-                        let now = epoch.elapsed().as_micros() as u64;
+                        let now = micros(epoch, Instant::now());
                         sent.record(now.saturating_sub(scheduled).max(1))?;
                     }
                     if let Some(server_frame::Kind::Error(error)) = frame.kind {
@@ -258,7 +305,7 @@ impl Pair {
             }
         }
         delivered.add(receiving.await??)?;
-        drop(sender_out);
+        sender.close().await;
         let mut recorder = recorder.lock().await;
         recorder.sent.add(&sent)?;
         recorder.delivered.add(&delivered)?;
@@ -291,6 +338,20 @@ mod tests {
         assert_eq!(pair_servers(&three, 2), ("http://c:3", "http://a:1"));
         let one = Servers::new(vec!["http://a:1".into()]).unwrap();
         assert_eq!(pair_servers(&one, 7), ("http://a:1", "http://a:1"));
+    }
+
+    #[tokio::test]
+    async fn a_late_tick_carries_the_instant_it_was_due() {
+        // A generator 45 ms behind a 10 ms schedule: the missed ticks come at
+        // once, each stamped with its own due time rather than with now.
+        let start = Instant::now() - Duration::from_millis(45);
+        let mut ticker = ticker(start, Duration::from_millis(10));
+        let mut stamps = Vec::new();
+        for _ in 0..5 {
+            stamps.push(micros(start, ticker.tick().await));
+        }
+        assert_eq!(stamps, [0, 10_000, 20_000, 30_000, 40_000]);
+        assert_eq!(micros(start + Duration::from_secs(1), start), 0);
     }
 
     #[test]

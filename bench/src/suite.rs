@@ -53,22 +53,39 @@ fn number(value: &Value) -> Option<f64> {
     value.as_f64()
 }
 
-/// Returns the one-to-one chart: send→delivered p50, p90 and p99 against the
-/// offered rate, one point per run; `None` without one-to-one runs.
+/// Returns the one-to-one chart: send→delivered latency against the offered
+/// rate, one point per run: p50, p90 and p99 when the runs share one transport,
+/// p50 and p99 of each transport when they do not (four lines, four colours);
+/// `None` without one-to-one runs.
 pub(crate) fn latency_chart(runs: &[Value]) -> Option<Chart> {
-    let series: Vec<Series> = [("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms")]
-        .into_iter()
-        .map(|(name, field)| Series {
-            name: format!("{name} send to delivered"),
-            points: of(runs, "one-to-one")
-                .filter_map(|run| {
-                    let rate = number(&run["parameters"]["rate"])?;
-                    let ms = number(&run["figures"]["delivered_latency"][field])?;
-                    Some((rate, ms))
-                })
-                .collect(),
-        })
-        .collect();
+    let transports = transports(runs, "one-to-one");
+    let several = transports.len() > 1;
+    let percentiles: &[(&str, &str)] = if several {
+        &[("p50", "p50_ms"), ("p99", "p99_ms")]
+    } else {
+        &[("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms")]
+    };
+    let mut series = Vec::new();
+    for transport_name in &transports {
+        for (name, field) in percentiles {
+            let name = format!("{name} send to delivered");
+            series.push(Series {
+                name: if several {
+                    format!("{transport_name}: {name}")
+                } else {
+                    name
+                },
+                points: of(runs, "one-to-one")
+                    .filter(|run| transport(run) == *transport_name)
+                    .filter_map(|run| {
+                        let rate = number(&run["parameters"]["rate"])?;
+                        let ms = number(&run["figures"]["delivered_latency"][*field])?;
+                        Some((rate, ms))
+                    })
+                    .collect(),
+            });
+        }
+    }
     series.iter().any(|s| !s.points.is_empty()).then(|| Chart {
         title: "one-to-one: latency against offered load".into(),
         x_label: "offered load (messages/s)".into(),
@@ -79,19 +96,27 @@ pub(crate) fn latency_chart(runs: &[Value]) -> Option<Chart> {
     })
 }
 
-/// Returns the transport of a connections run (`grpc` for runs from before
-/// `--transport`).
+/// Returns the transport of a run (`grpc` for runs from before `--transport`).
 fn transport(run: &Value) -> &str {
-    run["figures"]["transport"].as_str().unwrap_or("grpc")
+    run["parameters"]["transport"]
+        .as_str()
+        .or_else(|| run["figures"]["transport"].as_str())
+        .unwrap_or("grpc")
+}
+
+/// Returns the transports of the runs of `scenario`, sorted, each once.
+fn transports<'a>(runs: &'a [Value], scenario: &'a str) -> Vec<&'a str> {
+    let mut transports: Vec<&str> = of(runs, scenario).map(transport).collect();
+    transports.sort_unstable();
+    transports.dedup();
+    transports
 }
 
 /// Returns the connections chart: server and kernel memory per idle connection
 /// (KiB) against the number of connections, one pair of series per transport;
 /// `None` without connections runs that read the server's memory.
 pub(crate) fn memory_chart(runs: &[Value]) -> Option<Chart> {
-    let mut transports: Vec<&str> = of(runs, "connections").map(transport).collect();
-    transports.sort_unstable();
-    transports.dedup();
+    let transports = transports(runs, "connections");
     let per_connection = |transport_name: &str, field: &'static str| {
         of(runs, "connections")
             .filter(|run| transport(run) == transport_name)
@@ -167,8 +192,11 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
     let (asked, measured) = match scenario.as_str() {
         "one-to-one" => (
             format!(
-                "{} pairs, {} msg/s offered, {} s",
-                p["pairs"], p["rate"], p["seconds"]
+                "{} pairs over {}, {} msg/s offered, {} s",
+                p["pairs"],
+                transport(run),
+                p["rate"],
+                p["seconds"]
             ),
             format!(
                 "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms",
@@ -346,6 +374,32 @@ mod tests {
     }
 
     #[test]
+    fn the_latency_chart_has_p50_and_p99_per_transport_when_runs_differ() {
+        let mut over_ws = one_to_one(2, 500, 1.5, 4.0);
+        over_ws["parameters"]["transport"] = json!("ws");
+        let runs = [
+            one_to_one(1, 500, 1.0, 3.0),
+            over_ws.clone(),
+            one_to_one(3, 2_000, 2.0, 8.0),
+        ];
+        let chart = latency_chart(&runs).unwrap();
+        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "grpc: p50 send to delivered",
+                "grpc: p99 send to delivered",
+                "ws: p50 send to delivered",
+                "ws: p99 send to delivered",
+            ]
+        );
+        assert_eq!(chart.series[1].points, vec![(500.0, 3.0), (2_000.0, 8.0)]);
+        assert_eq!(chart.series[2].points, vec![(500.0, 1.5)]);
+        let [_, asked, _] = row(&over_ws);
+        assert_eq!(asked, "50 pairs over ws, 500 msg/s offered, 10 s");
+    }
+
+    #[test]
     fn the_memory_chart_is_in_kib_per_connection_and_skips_missing_figures() {
         let runs = [
             connections(1, 1_000, 10_240.0),
@@ -420,7 +474,7 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4, "{table}");
         assert!(
-            lines[2].starts_with("| one-to-one | 50 pairs, 500 msg/s offered"),
+            lines[2].starts_with("| one-to-one | 50 pairs over grpc, 500 msg/s offered"),
             "{table}"
         );
         assert!(

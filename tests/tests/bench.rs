@@ -106,16 +106,27 @@ fn server_pid(data_dir: &Path) -> Option<u32> {
     })
 }
 
-/// Pins that `one-to-one` delivers every scheduled message and reports both latencies.
-#[tokio::test]
-async fn one_to_one_reports_latency_percentiles() -> Result<()> {
+/// Runs `one-to-one` over `transport` (2 pairs, 20 msg/s, 1 s) against a fresh
+/// server and checks that it delivered every scheduled message and reports both
+/// latencies.
+async fn one_to_one(transport: &str) -> Result<()> {
     let server = server().await?;
     let result = run_bench(
         &server,
         "one-to-one",
-        &["--pairs", "2", "--rate", "20", "--seconds", "1"],
+        &[
+            "--pairs",
+            "2",
+            "--rate",
+            "20",
+            "--seconds",
+            "1",
+            "--transport",
+            transport,
+        ],
     )
     .await?;
+    assert_eq!(result["parameters"]["transport"], transport, "{result}");
     let figures = &result["figures"];
     assert_eq!(figures["delivered"], 20, "{result}");
     assert!(
@@ -124,6 +135,19 @@ async fn one_to_one_reports_latency_percentiles() -> Result<()> {
     );
     assert!(figures["sent"]["max_ms"].as_f64().is_some(), "{result}");
     Ok(())
+}
+
+/// Pins that `one-to-one` delivers every scheduled message and reports both latencies.
+#[tokio::test]
+async fn one_to_one_reports_latency_percentiles() -> Result<()> {
+    one_to_one("grpc").await
+}
+
+/// Pins that `one-to-one --transport ws` delivers every scheduled message over
+/// WebSockets and reports both latencies.
+#[tokio::test]
+async fn one_to_one_over_websockets_delivers_everything() -> Result<()> {
+    one_to_one("ws").await
 }
 
 /// Pins that `group` reports the time to the last member of each message.

@@ -9,21 +9,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use confab_proto::v1::{ClientFrame, Heartbeat, Hello, ServerFrame, client_frame, server_frame};
+use confab_proto::v1::{ClientFrame, Heartbeat, client_frame};
 use futures::{SinkExt as _, StreamExt as _};
 use hyper_util::rt::TokioIo;
 use prost::Message as _;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tonic::transport::{Endpoint, Uri};
 
-use super::{MAX_PER_WORKER, MAX_WORKERS, Report, SECRET_ENV, Transport};
-use crate::client::{Servers, mint, open_on};
+use super::{MAX_PER_WORKER, MAX_WORKERS, Report, SECRET_ENV};
+use crate::client::{Servers, Transport, Ws, host_port, mint, open_on, open_ws_on, ws_url};
 
 /// The hidden subcommand that runs a worker.
 pub(crate) const SUBCOMMAND: &str = "connections-worker";
@@ -74,22 +71,6 @@ pub(crate) fn source_address(worker: usize, i: usize) -> Ipv4Addr {
     )
 }
 
-/// Returns the WebSocket URL of the gateway whose gRPC URL is `server`:
-/// `http://host:port` → `ws://host:port/v1/ws`.
-fn ws_url(server: &str) -> anyhow::Result<String> {
-    let uri: Uri = server
-        .parse()
-        .with_context(|| format!("bad server URL {server:?}"))?;
-    anyhow::ensure!(
-        uri.scheme_str() == Some("http"),
-        "--transport ws needs an http:// server URL (no TLS here), not {server:?}"
-    );
-    let authority = uri
-        .authority()
-        .with_context(|| format!("no host in {server:?}"))?;
-    Ok(format!("ws://{authority}/v1/ws"))
-}
-
 /// Returns whether connections to `addr` should bind a loopback source
 /// address of their own: only when the server is on a 127.x address.
 fn binds_source(addr: SocketAddr) -> bool {
@@ -109,19 +90,8 @@ struct Target {
 
 impl Target {
     async fn resolve(url: &str) -> anyhow::Result<Self> {
-        let uri: Uri = url
-            .parse()
-            .with_context(|| format!("bad server URL {url:?}"))?;
-        let host = uri
-            .host()
-            .with_context(|| format!("no host in {url:?}"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        });
-        let addr = tokio::net::lookup_host((host, port))
+        let (host, port) = host_port(url)?;
+        let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
             .with_context(|| format!("resolving {url}"))?
             .next()
@@ -202,17 +172,6 @@ async fn hold_grpc(
     }
 }
 
-/// The WebSocket client's buffers: small, so that the generator stays lean
-/// (tungstenite's default is 128 KiB each way per connection).
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(64 * 1024)
-}
-
-type Ws = WebSocketStream<TcpStream>;
-
 /// Opens a WebSocket from `source` with the token in the upgrade, says
 /// `Hello` in a binary frame, waits for `Synced`, and holds it.
 async fn open_ws(
@@ -224,46 +183,7 @@ async fn open_ws(
     let stream = tcp_connect(target.addr, source)
         .await
         .with_context(|| format!("connecting to {}", target.addr))?;
-    let mut request = target.ws_url.as_str().into_client_request()?;
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("token is not a header value")?,
-    );
-    let (mut socket, _response) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
-            .await
-            .with_context(|| format!("WebSocket upgrade at {}", target.ws_url))?;
-    let hello = ClientFrame {
-        r#ref: 0,
-        kind: Some(client_frame::Kind::Hello(Hello {
-            token: String::new(),
-            device_id: "bench".into(),
-            cursor: 0,
-        })),
-    };
-    socket
-        .send(Message::Binary(hello.encode_to_vec().into()))
-        .await?;
-    loop {
-        let message = socket
-            .next()
-            .await
-            .context("WebSocket ended before sync")?
-            .context("WebSocket before sync")?;
-        match message {
-            Message::Binary(bytes) => match ServerFrame::decode(bytes)?.kind {
-                Some(server_frame::Kind::Synced(_)) => break,
-                Some(server_frame::Kind::Error(error)) if error.fatal => {
-                    anyhow::bail!("refused before sync: {} ({})", error.message, error.reason)
-                }
-                _ => {}
-            },
-            Message::Close(close) => anyhow::bail!("WebSocket closed before sync: {close:?}"),
-            _ => {}
-        }
-    }
+    let socket = open_ws_on(stream, &target.ws_url, token).await?;
     Ok(tokio::spawn(hold_ws(socket, every)))
 }
 
@@ -410,24 +330,6 @@ mod tests {
         assert!(binds_source("127.9.8.7:1".parse().unwrap()));
         assert!(!binds_source("10.0.0.1:7600".parse().unwrap()));
         assert!(!binds_source("[::1]:7600".parse().unwrap()));
-    }
-
-    #[test]
-    fn the_websocket_url_is_on_the_grpc_host_and_port() {
-        assert_eq!(
-            ws_url("http://127.0.0.1:7600").unwrap(),
-            "ws://127.0.0.1:7600/v1/ws"
-        );
-        assert_eq!(
-            ws_url("http://chat.example:80/").unwrap(),
-            "ws://chat.example:80/v1/ws"
-        );
-        assert_eq!(
-            ws_url("http://[::1]:7600").unwrap(),
-            "ws://[::1]:7600/v1/ws"
-        );
-        assert!(ws_url("https://chat.example").is_err());
-        assert!(ws_url("127.0.0.1:7600").is_err());
     }
 
     #[tokio::test]
