@@ -347,6 +347,38 @@ impl MessageStore for SqliteStore {
 }
 
 impl SqliteLogWriter {
+    /// Returns `(key, max)` for each of `keys`, `max` being the correlated
+    /// subquery `max_of` over the key `k.column1` (NULL where the key has no
+    /// row): one statement, its key list padded like every keyed read.
+    async fn max_per_key(
+        &mut self,
+        max_of: &str,
+        keys: &[i64],
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        let (mut query, cacheable) = self.pending.take();
+        let head = format!("SELECT k.column1, {max_of} FROM (");
+        let statements = push_rows(
+            &mut query,
+            (&head, ") AS k"),
+            keys,
+            1,
+            true,
+            |mut row, &key| {
+                row.push_bind(key);
+            },
+        );
+        // The padding keys come back as (NULL, NULL).
+        let rows: Vec<(Option<i64>, Option<i64>)> = query
+            .build_query_as()
+            .persistent(cacheable && statements == 1)
+            .fetch_all(self.conn())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, max)| Some((key?, max)))
+            .collect())
+    }
+
     fn new(conn: SqliteConnection) -> Self {
         Self {
             conn,
@@ -416,29 +448,19 @@ impl LogWriter for SqliteLogWriter {
             if user_ids.is_empty() {
                 return Ok(HashMap::new());
             }
-            let (mut query, cacheable) = self.pending.take();
             // A correlated MAX per user is one seek at the end of the user's
             // primary-key range; `WHERE user_id IN (..) GROUP BY user_id` would
             // read every event of every user named (measured: 0.1 ms against
             // 120 ms for 3 users of 200,000 events each).
-            let statement = (
-                "SELECT k.column1 AS user_id, \
-                 (SELECT MAX(seq) FROM user_events WHERE user_id = k.column1) AS seq \
-                 FROM (",
-                ") AS k",
-            );
-            let statements = push_rows(&mut query, statement, user_ids, 1, true, |mut row, &id| {
-                row.push_bind(id);
-            });
-            // The padding keys come back as (NULL, NULL).
-            let rows: Vec<(Option<i64>, Option<i64>)> = query
-                .build_query_as()
-                .persistent(cacheable && statements == 1)
-                .fetch_all(self.conn())
+            let rows = self
+                .max_per_key(
+                    "(SELECT MAX(seq) FROM user_events WHERE user_id = k.column1)",
+                    user_ids,
+                )
                 .await?;
             let seqs = rows
                 .into_iter()
-                .filter_map(|(user, seq)| Some((user?, seq.map(seq_from_sql))));
+                .map(|(user, seq)| (user, seq.map(seq_from_sql)));
             let mut last = HashMap::with_capacity(user_ids.len());
             extend_present(&mut last, seqs);
             Ok(last)
@@ -498,34 +520,15 @@ impl LogWriter for SqliteLogWriter {
             if conversation_ids.is_empty() {
                 return Ok(HashMap::new());
             }
-            let (mut query, cacheable) = self.pending.take();
             // A correlated MAX is one seek at the end of each conversation's
             // index range (as in `last_seqs`).
-            let statement = (
-                "SELECT k.column1 AS conversation_id, \
-                 (SELECT MAX(id) FROM messages WHERE conversation_id = k.column1) AS id \
-                 FROM (",
-                ") AS k",
-            );
-            let statements = push_rows(
-                &mut query,
-                statement,
-                conversation_ids,
-                1,
-                true,
-                |mut row, &id| {
-                    row.push_bind(id);
-                },
-            );
-            // The padding keys come back as (NULL, NULL).
-            let rows: Vec<(Option<i64>, Option<i64>)> = query
-                .build_query_as()
-                .persistent(cacheable && statements == 1)
-                .fetch_all(self.conn())
+            let rows = self
+                .max_per_key(
+                    "(SELECT MAX(id) FROM messages WHERE conversation_id = k.column1)",
+                    conversation_ids,
+                )
                 .await?;
-            let ids = rows
-                .into_iter()
-                .filter_map(|(conversation, id)| Some((conversation?, id)));
+            let ids = rows.into_iter();
             let mut newest = HashMap::with_capacity(conversation_ids.len());
             extend_present(&mut newest, ids);
             Ok(newest)
