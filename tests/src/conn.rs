@@ -369,6 +369,34 @@ impl<T: Transport> Conn<T> {
         }
     }
 
+    /// `WatchPresence` of `user_ids` whose snapshot has `count` entries: the
+    /// snapshot and `done` in whichever order they come. Over gRPC-web they
+    /// come on two HTTP connections (the snapshot on the subscription, `done`
+    /// as the `Submit` answer), so `done` may overtake the snapshot; over a
+    /// stream, [`Self::watch_presence`] is exact.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server answers otherwise, or not within the wait.
+    pub async fn watch_presence_expecting(
+        &mut self,
+        user_ids: &[i64],
+        count: usize,
+    ) -> Result<Vec<Presence>> {
+        let mut snapshot = self.watch_presence(user_ids).await?;
+        while snapshot.len() < count {
+            let frame = self.recv_frame().await?;
+            match frame.kind {
+                Some(server_frame::Kind::Event(Event {
+                    seq: 0,
+                    kind: Some(event::Kind::Presence(presence)),
+                })) => snapshot.push(presence),
+                _ => self.pending.push_back(frame),
+            }
+        }
+        Ok(snapshot)
+    }
+
     /// `Typing { conversation_id, typing }`, answered with `done`.
     ///
     /// # Errors

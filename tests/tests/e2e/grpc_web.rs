@@ -84,7 +84,7 @@ async fn browser_on_grpc_web_chats_with_a_websocket_user() -> Result<()> {
     let (_, receipt) = bob_ws.next_receipt().await?;
     assert_eq!(receipt.user_id, alice.id());
     browser.ping(42).await?;
-    let snapshot = browser.watch_presence(&[bob.id()]).await?;
+    let snapshot = browser.watch_presence_expecting(&[bob.id()], 1).await?;
     assert_eq!(snapshot.len(), 1, "{snapshot:?}");
     assert!(snapshot[0].online, "{snapshot:?}");
 
