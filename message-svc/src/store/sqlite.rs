@@ -349,12 +349,16 @@ impl MessageStore for SqliteStore {
 impl SqliteLogWriter {
     /// Returns `(key, max)` for each of `keys`, `max` being the correlated
     /// subquery `max_of` over the key `k.column1` (NULL where the key has no
-    /// row): one statement, its key list padded like every keyed read.
+    /// row): one statement, its key list padded like every keyed read; no
+    /// statement for no keys.
     async fn max_per_key(
         &mut self,
         max_of: &str,
         keys: &[i64],
     ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let (mut query, cacheable) = self.pending.take();
         let head = format!("SELECT k.column1, {max_of} FROM (");
         let statements = push_rows(
@@ -445,9 +449,6 @@ impl LogWriter for SqliteLogWriter {
         user_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>> {
         Box::pin(async move {
-            if user_ids.is_empty() {
-                return Ok(HashMap::new());
-            }
             // A correlated MAX per user is one seek at the end of the user's
             // primary-key range; `WHERE user_id IN (..) GROUP BY user_id` would
             // read every event of every user named (measured: 0.1 ms against
@@ -517,9 +518,6 @@ impl LogWriter for SqliteLogWriter {
         conversation_ids: &'a [i64],
     ) -> BoxFuture<'a, Result<HashMap<i64, i64>, StoreError>> {
         Box::pin(async move {
-            if conversation_ids.is_empty() {
-                return Ok(HashMap::new());
-            }
             // A correlated MAX is one seek at the end of each conversation's
             // index range (as in `last_seqs`).
             let rows = self
