@@ -1,6 +1,8 @@
 //! The SQLite backend: a read pool for [`MessageStore`] and one dedicated
 //! connection for [`LogWriter`]. WAL mode lets readers run while the writer
 //! commits; `synchronous = FULL` makes every commit durable (`confab_common::db`).
+//! The WAL is copied into the file by a checkpointer of its own (`checkpoint`),
+//! not by the writer's commits.
 
 use std::collections::HashMap;
 use std::future;
@@ -20,6 +22,10 @@ use super::{
     BoxFuture, EventRow, LogWriter, MessageStore, StoreError, StoredMessage, UNREAD_CAP,
     WatermarkMap, Watermarks,
 };
+
+mod checkpoint;
+
+use checkpoint::Checkpoints;
 
 const SCHEMA: &str = include_str!("schema.sql");
 
@@ -49,8 +55,16 @@ pub(crate) async fn open(path: &Path) -> Result<(SqliteStore, SqliteLogWriter), 
         .await?;
     sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
     migrate(&mut conn).await?;
+    // The checkpointer copies the WAL into the file, not the writer's commits.
+    sqlx::raw_sql("PRAGMA wal_autocheckpoint = 0")
+        .execute(&mut conn)
+        .await?;
+    let checkpoints = Checkpoints::start(confab_common::db::sqlite_options(path).connect().await?);
     let pool = confab_common::db::open_sqlite(path, READ_CONNECTIONS).await?;
-    Ok((SqliteStore { pool }, SqliteLogWriter::new(conn)))
+    Ok((
+        SqliteStore { pool },
+        SqliteLogWriter::new(conn, checkpoints),
+    ))
 }
 
 /// Columns added after the first release: `(table, column, type)`. Files created
@@ -105,6 +119,8 @@ pub(crate) struct SqliteLogWriter {
     conn: SqliteConnection,
     /// What the open transaction has not sent yet.
     pending: Pending,
+    /// Told of every commit: copies the WAL into the file on its own thread.
+    checkpoints: Checkpoints,
     /// Calls made on `conn`: the tests count the hand-offs of a transaction.
     #[cfg(test)]
     round_trips: u64,
@@ -383,10 +399,11 @@ impl SqliteLogWriter {
             .collect())
     }
 
-    fn new(conn: SqliteConnection) -> Self {
+    fn new(conn: SqliteConnection, checkpoints: Checkpoints) -> Self {
         Self {
             conn,
             pending: Pending::default(),
+            checkpoints,
             #[cfg(test)]
             round_trips: 0,
         }
@@ -683,6 +700,7 @@ impl LogWriter for SqliteLogWriter {
                 .persistent(cacheable)
                 .execute(self.conn())
                 .await?;
+            self.checkpoints.committed();
             Ok(())
         })
     }

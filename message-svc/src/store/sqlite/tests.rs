@@ -192,6 +192,30 @@ async fn group_commit_round_trips() {
     finish(dir).await;
 }
 
+/// The writer's commits never checkpoint (`wal_autocheckpoint = 0`): the
+/// checkpointer copies the WAL into the database file after a commit, on its
+/// own connection.
+#[tokio::test]
+async fn the_checkpointer_copies_the_wal_not_the_commits() {
+    let (_store, mut log, dir) = open_writer().await;
+    let automatic: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+        .fetch_one(&mut log.conn)
+        .await
+        .unwrap();
+    assert_eq!(automatic, 0);
+    let file = dir.path().join("m.db");
+    let before = std::fs::metadata(&file).unwrap().len();
+    commit_sends(&mut log, 1..500).await;
+    log.checkpoints.completed(1).await;
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        after > before,
+        "the checkpoint left the file at {after} bytes (from {before})"
+    );
+    Box::new(log).close().await.unwrap();
+    finish(dir).await;
+}
+
 /// The dedup lookup, padded or not, seeks the unique index once per key.
 #[tokio::test]
 async fn dedup_lookup_uses_the_unique_index() {
