@@ -55,6 +55,21 @@ impl Servers {
     pub(crate) fn urls(&self) -> &[String] {
         &self.0
     }
+
+    /// Checks, before anyone registers, that every server can be reached over
+    /// `transport` (a WebSocket URL for each).
+    ///
+    /// # Errors
+    ///
+    /// Fails as [`ws_url`] for the first server that has none.
+    pub(crate) fn check(&self, transport: Transport) -> anyhow::Result<()> {
+        if transport == Transport::Ws {
+            for url in self.urls() {
+                ws_url(url)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The server's frames on one live connection.

@@ -1,5 +1,6 @@
 //! Scenario `group`: one group of G members, every member connected on its own
-//! `Edge.Stream`. One member posts M messages one after another; for each, the
+//! live connection (`--transport`: gRPC `Edge.Stream` or the WebSocket
+//! `/v1/ws`) and TCP connection. One member posts M messages one after another; for each, the
 //! time from the send until the *last* other member has it is recorded, so the
 //! figure is the fan-out time of the whole group, not of its fastest member.
 //! With several servers (gateways of one cluster) member `i` connects to server
@@ -20,10 +21,9 @@ use confab_proto::v1::{
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::client::{Inbound, Servers, authorized, mint, open};
+use crate::client::{Live, Servers, Transport, authorized, mint};
 use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the group scenario.
@@ -35,6 +35,10 @@ pub(crate) struct Args {
     /// Messages sent, one after the other.
     #[arg(long, default_value_t = 20)]
     messages: usize,
+    /// The live connection of every member: gRPC `Edge.Stream` or WebSocket
+    /// `/v1/ws`.
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
     /// The server's `--external-jwt-secret`.
     #[arg(long, env = "CONFAB_EXTERNAL_JWT_SECRET")]
     #[serde(skip)]
@@ -44,6 +48,7 @@ pub(crate) struct Args {
 /// Runs the scenario against `servers`.
 pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
     anyhow::ensure!(args.members >= 2, "a group needs two members");
+    servers.check(args.transport)?;
     let channel = Channel::from_shared(servers.first().to_owned())?
         .connect()
         .await?;
@@ -74,18 +79,14 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let (arrivals, mut arrived) = mpsc::unbounded_channel();
     let mut sender = None;
     for (i, token) in tokens.iter().enumerate() {
-        let (out, inbound) = open(servers.nth(i), token).await?;
+        let live = Live::open(args.transport, servers.nth(i), token).await?;
         if i == 0 {
-            sender = Some((out, inbound));
+            sender = Some(live);
             continue;
         }
-        let arrivals = arrivals.clone();
-        tokio::spawn(async move {
-            let _keep_open = out;
-            watch(inbound, arrivals).await
-        });
+        tokio::spawn(watch(live, arrivals.clone()));
     }
-    let (sender_out, mut sender_in) = sender.context("no sender")?;
+    let mut sender = sender.context("no sender")?;
     let others = args.members - 1;
     eprintln!(
         "sending {} messages to {others} connected members",
@@ -104,8 +105,8 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
                 text: format!("message {n}"),
             })),
         };
-        sender_out.send(frame).await?;
-        let message_id = acked(&mut sender_in).await?;
+        sender.send(frame).await?;
+        let message_id = acked(&mut sender).await?;
         let mut have = 0;
         while have < others {
             let (id, _at) = tokio::time::timeout(Duration::from_secs(30), arrived.recv())
@@ -121,7 +122,8 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let elapsed = started.elapsed().as_secs_f64();
     let deliveries = (args.messages * others) as f64;
     println!(
-        "group: {} members ({others} connected receivers), {} messages, {:.0} deliveries/s",
+        "group over {}: {} members ({others} connected receivers), {} messages, {:.0} deliveries/s",
+        args.transport.name(),
         args.members,
         args.messages,
         deliveries / elapsed
@@ -148,8 +150,8 @@ struct Figures {
 }
 
 /// Forwards the id of every message this member receives.
-async fn watch(mut inbound: Inbound, arrivals: mpsc::UnboundedSender<(i64, Instant)>) {
-    while let Some(Ok(frame)) = inbound.next().await {
+async fn watch(mut live: Live, arrivals: mpsc::UnboundedSender<(i64, Instant)>) {
+    while let Some(Ok(frame)) = live.next().await {
         if let Some(server_frame::Kind::Event(ev)) = frame.kind
             && let Some(event::Kind::Message(message)) = ev.kind
             && arrivals.send((message.id, Instant::now())).is_err()
@@ -160,9 +162,9 @@ async fn watch(mut inbound: Inbound, arrivals: mpsc::UnboundedSender<(i64, Insta
 }
 
 /// Waits for the sender's acknowledgement and returns the message id.
-async fn acked(inbound: &mut Inbound) -> anyhow::Result<i64> {
+async fn acked(live: &mut Live) -> anyhow::Result<i64> {
     loop {
-        let frame = inbound.next().await.context("sender stream ended")??;
+        let frame = live.next().await.context("sender stream ended")??;
         match frame.kind {
             Some(server_frame::Kind::Sent(ack)) => return Ok(ack.message_id),
             Some(server_frame::Kind::Error(error)) => {

@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tonic::transport::Channel;
 
-use crate::client::{Live, Servers, Transport, authorized, ws_url};
+use crate::client::{Live, Servers, Transport, authorized};
 use crate::report::{Percentiles, RunResult};
 
 /// Arguments of the one-to-one scenario.
@@ -64,12 +64,7 @@ impl Recorder {
 
 /// Runs the scenario against `servers`.
 pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResult> {
-    if args.transport == Transport::Ws {
-        // Before registering anyone: every server must have a WebSocket URL.
-        for url in servers.urls() {
-            ws_url(url)?;
-        }
-    }
+    servers.check(args.transport)?;
     let channel = Channel::from_shared(servers.first().to_owned())?
         .connect()
         .await

@@ -209,7 +209,12 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
             ),
         ),
         "group" => (
-            format!("{} members, {} messages", p["members"], p["messages"]),
+            format!(
+                "{} members over {}, {} messages",
+                p["members"],
+                transport(run),
+                p["messages"]
+            ),
             format!(
                 "send→last member p50 {} / p99 {} / max {} ms; {} deliveries/s",
                 ms(&f["send_to_last_member"]["p50_ms"]),

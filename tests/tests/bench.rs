@@ -153,8 +153,29 @@ async fn one_to_one_over_websockets_delivers_everything() -> Result<()> {
 /// Pins that `group` reports the time to the last member of each message.
 #[tokio::test]
 async fn group_reports_fan_out_time() -> Result<()> {
+    group("grpc").await
+}
+
+/// Pins that `group --transport ws` reaches every member over WebSockets.
+#[tokio::test]
+async fn group_over_websockets_reports_fan_out_time() -> Result<()> {
+    group("ws").await
+}
+
+/// Runs `group` over `transport` (4 members, 3 messages) against a fresh
+/// server and checks that every message reached every other member.
+async fn group(transport: &str) -> Result<()> {
     let server = server().await?;
-    let result = run_bench(&server, "group", &["--members", "4", "--messages", "3"]).await?;
+    let args = [
+        "--members",
+        "4",
+        "--messages",
+        "3",
+        "--transport",
+        transport,
+    ];
+    let result = run_bench(&server, "group", &args).await?;
+    assert_eq!(result["parameters"]["transport"], transport, "{result}");
     let figures = &result["figures"];
     assert_eq!(figures["receivers"], 3, "{result}");
     assert_eq!(figures["send_to_last_member"]["count"], 3, "{result}");

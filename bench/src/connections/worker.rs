@@ -221,13 +221,10 @@ pub(crate) async fn run(servers: &Servers, args: WorkerArgs) -> anyhow::Result<(
         args.worker,
         args.connections
     );
+    servers.check(args.transport)?;
     let mut targets = Vec::with_capacity(servers.urls().len());
     for url in servers.urls() {
-        let target = Target::resolve(url).await?;
-        if args.transport == Transport::Ws {
-            ws_url(url)?;
-        }
-        targets.push(target);
+        targets.push(Target::resolve(url).await?);
     }
     let mut orders = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     report(Report::Ready);
