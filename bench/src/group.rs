@@ -1,8 +1,9 @@
 //! Scenario `group`: one group of G members, every member connected on its own
 //! live connection (`--transport`: gRPC `Edge.Stream` or the WebSocket
-//! `/v1/ws`) and TCP connection. One member posts M messages one after another; for each, the
-//! time from the send until the *last* other member has it is recorded, so the
-//! figure is the fan-out time of the whole group, not of its fastest member.
+//! `/v1/ws`) and TCP connection. One member posts M messages one after
+//! another; for each, the time from the send until the *last* other member has
+//! it is recorded, so the figure is the fan-out time of the whole group, not of
+//! its fastest member.
 //! With several servers (gateways of one cluster) member `i` connects to server
 //! `i % n`; the sender is member 0.
 //!

@@ -20,7 +20,7 @@ use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, watch};
 
 /// The shortest time between two checkpoints.
-pub(super) const INTERVAL: Duration = Duration::from_millis(100);
+const INTERVAL: Duration = Duration::from_millis(100);
 
 /// WAL frames (pages) beyond which a checkpoint waits for the writer rather than
 /// letting the WAL grow: 32,768 frames of 4 KiB, 128 MiB.
