@@ -489,8 +489,14 @@ impl LogWriter for SqliteLogWriter {
         &'a mut self,
         messages: &'a [StoredMessage],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        // OR FAIL, not the default ABORT: a multi-row statement that may abort
+        // half-way makes SQLite copy every page it changes into a statement
+        // journal first, to undo just that statement (5 % of the writer's time in
+        // a profile at 11,000 msg/s). FAIL stops at the failing row and keeps the
+        // rows before it, which is the same here: every failed write rolls back
+        // the whole transaction.
         let statement = (
-            "INSERT INTO messages (id, conversation_id, sender_id, sender_device, \
+            "INSERT OR FAIL INTO messages (id, conversation_id, sender_id, sender_device, \
              client_msg_id, sent_at_ms, text, notice) ",
             "",
         );
@@ -513,8 +519,9 @@ impl LogWriter for SqliteLogWriter {
         &'a mut self,
         events: &'a [EventRow],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        // OR FAIL (see `insert_messages`).
         let statement = (
-            "INSERT INTO user_events (user_id, seq, kind, message_id, payload) ",
+            "INSERT OR FAIL INTO user_events (user_id, seq, kind, message_id, payload) ",
             "",
         );
         self.pending.defer(|query| {
