@@ -90,17 +90,18 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         args.seconds,
         args.transport.name()
     );
+    // Every connection is open before the first send, so that the throughput
+    // is taken over the sending alone.
+    let connected =
+        futures::future::try_join_all(pairs.into_iter().enumerate().map(|(i, pair)| {
+            let (sender_server, receiver_server) = pair_servers(servers, i);
+            pair.connect(args.transport, sender_server, receiver_server)
+        }))
+        .await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (i, pair) in pairs.into_iter().enumerate() {
-        let (sender_server, receiver_server) = pair_servers(servers, i);
-        tasks.push(tokio::spawn(pair.run(
-            args.transport,
-            sender_server.to_owned(),
-            receiver_server.to_owned(),
-            schedule,
-            recorder.clone(),
-        )));
+    for pair in connected {
+        tasks.push(tokio::spawn(pair.run(schedule, recorder.clone())));
     }
     for task in tasks {
         task.await??;
@@ -228,21 +229,40 @@ impl Pair {
         })
     }
 
-    async fn run(
+    /// Opens the receiver's and the sender's live connections.
+    async fn connect(
         self,
         transport: Transport,
-        sender_server: String,
-        receiver_server: String,
-        schedule: Schedule,
-        recorder: Arc<Mutex<Recorder>>,
-    ) -> anyhow::Result<()> {
+        sender_server: &str,
+        receiver_server: &str,
+    ) -> anyhow::Result<Connected> {
+        Ok(Connected {
+            receiver: Live::open(transport, receiver_server, &self.receiver_token).await?,
+            sender: Live::open(transport, sender_server, &self.sender_token).await?,
+            conversation_id: self.conversation_id,
+        })
+    }
+}
+
+/// A pair with both live connections open.
+struct Connected {
+    sender: Live,
+    receiver: Live,
+    conversation_id: i64,
+}
+
+impl Connected {
+    async fn run(self, schedule: Schedule, recorder: Arc<Mutex<Recorder>>) -> anyhow::Result<()> {
         let Schedule {
             interval,
             count,
             epoch,
         } = schedule;
-        let mut receiver = Live::open(transport, &receiver_server, &self.receiver_token).await?;
-        let mut sender = Live::open(transport, &sender_server, &self.sender_token).await?;
+        let Self {
+            mut sender,
+            mut receiver,
+            conversation_id,
+        } = self;
         let mut sent = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut delivered = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
@@ -277,7 +297,7 @@ impl Pair {
                     let frame = ClientFrame {
                         r#ref: next,
                         kind: Some(client_frame::Kind::Send(SendMessage {
-                            conversation_id: self.conversation_id,
+                            conversation_id,
                             client_msg_id: format!("m{next}"),
                             text: scheduled.to_string(),
                         })),
