@@ -100,8 +100,9 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         .await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for pair in connected {
-        tasks.push(tokio::spawn(pair.run(schedule, recorder.clone())));
+    for (i, pair) in connected.into_iter().enumerate() {
+        let first = started + phase(i, args.pairs, interval);
+        tasks.push(tokio::spawn(pair.run(first, schedule, recorder.clone())));
     }
     for task in tasks {
         task.await??;
@@ -154,6 +155,13 @@ pub(crate) fn schedule(rate: u64, pairs: usize, seconds: u64) -> anyhow::Result<
         "rate too low for this many pairs"
     );
     Ok((Duration::from_secs_f64(1.0 / per_pair), count))
+}
+
+/// Returns when pair `i` of `pairs` sends first, after the start: the pairs'
+/// first sends are spread evenly over one interval, so that together they send
+/// at a steady rate instead of all at once, once per interval.
+fn phase(i: usize, pairs: usize, interval: Duration) -> Duration {
+    interval.mul_f64(i as f64 / pairs as f64)
 }
 
 /// Returns a ticker of `interval` whose first tick is due at `start`. A tick it
@@ -252,7 +260,13 @@ struct Connected {
 }
 
 impl Connected {
-    async fn run(self, schedule: Schedule, recorder: Arc<Mutex<Recorder>>) -> anyhow::Result<()> {
+    /// Sends on the schedule from `first` on, and records both latencies.
+    async fn run(
+        self,
+        first: Instant,
+        schedule: Schedule,
+        recorder: Arc<Mutex<Recorder>>,
+    ) -> anyhow::Result<()> {
         let Schedule {
             interval,
             count,
@@ -285,7 +299,7 @@ impl Connected {
 
         // The sender: a fixed schedule, acknowledgements matched by ref.
         let mut scheduled_at = HashMap::new();
-        let mut ticker = ticker(Instant::now(), interval);
+        let mut ticker = ticker(first, interval);
         let mut next = 1u64;
         while sent.len() < count {
             tokio::select! {
@@ -337,6 +351,17 @@ mod tests {
         let (interval, count) = schedule(2_000, 50, 10).unwrap();
         assert_eq!(interval, Duration::from_millis(25));
         assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn the_first_sends_of_the_pairs_are_spread_over_one_interval() {
+        let interval = Duration::from_millis(200);
+        let phases: Vec<Duration> = (0..4).map(|i| phase(i, 4, interval)).collect();
+        assert_eq!(
+            phases,
+            [0, 50, 100, 150].map(Duration::from_millis),
+            "evenly, and all within the first interval"
+        );
     }
 
     #[test]
