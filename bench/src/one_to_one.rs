@@ -18,7 +18,8 @@ use anyhow::Context as _;
 use confab_proto::v1::accounts_client::AccountsClient;
 use confab_proto::v1::conversations_client::ConversationsClient;
 use confab_proto::v1::{
-    ClientFrame, OpenDirectRequest, RegisterRequest, SendMessage, client_frame, event, server_frame,
+    ClientFrame, Delivered, OpenDirectRequest, RegisterRequest, SendMessage, client_frame, event,
+    server_frame,
 };
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -45,6 +46,11 @@ pub(crate) struct Args {
     /// WebSocket `/v1/ws`.
     #[arg(long, value_enum, default_value_t = Transport::Grpc)]
     transport: Transport,
+    /// Every receiver acknowledges each message with a delivered receipt, as
+    /// apps do: a receipt command per message for the server's writer, and a
+    /// receipt event for the sender.
+    #[arg(long)]
+    receipts: bool,
 }
 
 /// Latencies in microseconds, merged from every connection.
@@ -102,7 +108,8 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let mut tasks = Vec::new();
     for (i, pair) in connected.into_iter().enumerate() {
         let first = started + phase(i, args.pairs, interval);
-        tasks.push(tokio::spawn(pair.run(first, schedule, recorder.clone())));
+        let run = pair.run(first, schedule, args.receipts, recorder.clone());
+        tasks.push(tokio::spawn(run));
     }
     for task in tasks {
         task.await??;
@@ -265,6 +272,7 @@ impl Connected {
         self,
         first: Instant,
         schedule: Schedule,
+        receipts: bool,
         recorder: Arc<Mutex<Recorder>>,
     ) -> anyhow::Result<()> {
         let Schedule {
@@ -291,6 +299,16 @@ impl Connected {
                     let scheduled: u64 = message.text.parse()?;
                     let now = micros(epoch, Instant::now());
                     histogram.record(now.saturating_sub(scheduled).max(1))?;
+                    if receipts {
+                        let delivered = ClientFrame {
+                            r#ref: histogram.len(),
+                            kind: Some(client_frame::Kind::Delivered(Delivered {
+                                conversation_id: message.conversation_id,
+                                up_to: message.id,
+                            })),
+                        };
+                        receiver.send(delivered).await?;
+                    }
                 }
             }
             receiver.close().await;

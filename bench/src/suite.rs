@@ -192,11 +192,16 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
     let (asked, measured) = match scenario.as_str() {
         "one-to-one" => (
             format!(
-                "{} pairs over {}, {} msg/s offered, {} s",
+                "{} pairs over {}, {} msg/s offered, {} s{}",
                 p["pairs"],
                 transport(run),
                 p["rate"],
-                p["seconds"]
+                p["seconds"],
+                if p["receipts"] == true {
+                    ", a delivered receipt per message"
+                } else {
+                    ""
+                }
             ),
             format!(
                 "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms",

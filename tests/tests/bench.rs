@@ -109,23 +109,20 @@ fn server_pid(data_dir: &Path) -> Option<u32> {
 /// Runs `one-to-one` over `transport` (2 pairs, 20 msg/s, 1 s) against a fresh
 /// server and checks that it delivered every scheduled message and reports both
 /// latencies.
-async fn one_to_one(transport: &str) -> Result<()> {
+async fn one_to_one(transport: &str, extra: &[&str]) -> Result<(Server, Value)> {
     let server = server().await?;
-    let result = run_bench(
-        &server,
-        "one-to-one",
-        &[
-            "--pairs",
-            "2",
-            "--rate",
-            "20",
-            "--seconds",
-            "1",
-            "--transport",
-            transport,
-        ],
-    )
-    .await?;
+    let mut args = vec![
+        "--pairs",
+        "2",
+        "--rate",
+        "20",
+        "--seconds",
+        "1",
+        "--transport",
+        transport,
+    ];
+    args.extend_from_slice(extra);
+    let result = run_bench(&server, "one-to-one", &args).await?;
     assert_eq!(result["parameters"]["transport"], transport, "{result}");
     let figures = &result["figures"];
     assert_eq!(figures["delivered"], 20, "{result}");
@@ -134,20 +131,38 @@ async fn one_to_one(transport: &str) -> Result<()> {
         "{result}"
     );
     assert!(figures["sent"]["max_ms"].as_f64().is_some(), "{result}");
-    Ok(())
+    Ok((server, result))
+}
+
+/// Returns the value of the unlabelled metric `name` in a /metrics text.
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 /// Pins that `one-to-one` delivers every scheduled message and reports both latencies.
 #[tokio::test]
 async fn one_to_one_reports_latency_percentiles() -> Result<()> {
-    one_to_one("grpc").await
+    one_to_one("grpc", &[]).await?;
+    Ok(())
 }
 
-/// Pins that `one-to-one --transport ws` delivers every scheduled message over
-/// WebSockets and reports both latencies.
+/// Pins that `one-to-one --transport ws --receipts` delivers every scheduled
+/// message over WebSockets, reports both latencies, and that the receivers'
+/// delivered receipts reach the server's writer: each moves a watermark and
+/// writes a receipt event for the sender, beside the 2 events of each message.
 #[tokio::test]
-async fn one_to_one_over_websockets_delivers_everything() -> Result<()> {
-    one_to_one("ws").await
+async fn one_to_one_over_websockets_with_receipts_delivers_everything() -> Result<()> {
+    let (server, result) = one_to_one("ws", &["--receipts"]).await?;
+    assert_eq!(result["parameters"]["receipts"], true, "{result}");
+    let addr = server.addr();
+    confab_tests::eventually("receipt events beside the messages' 40", || async move {
+        let metrics = confab_tests::http::get(addr, "/metrics").await?.body;
+        Ok(metric(&metrics, "confab_message_events_total").is_some_and(|events| events > 40.0))
+    })
+    .await
 }
 
 /// Pins that `group` reports the time to the last member of each message.
