@@ -297,6 +297,28 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// The write side, owned by the one writer task: the steps of one group commit.
 ///
+/// What a receipt command reads of the stored messages of its conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReceiptQuery {
+    pub(crate) conversation_id: i64,
+    /// The user whose watermarks moved: their own messages are left out.
+    pub(crate) user_id: i64,
+    /// `(after, up_to)`: the senders of the messages (not notices) with
+    /// `after < id <= up_to` are asked for; `None` asks for none.
+    pub(crate) senders: Option<(i64, i64)>,
+    /// The messages by others (not notices) after this id are counted.
+    pub(crate) unread_after: i64,
+}
+
+/// The answer to a [`ReceiptQuery`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ReceiptFacts {
+    /// The distinct senders asked for, in no particular order.
+    pub(crate) senders: Vec<i64>,
+    /// The unread messages, at most the cap.
+    pub(crate) unread: u32,
+}
+
 /// Every write happens between [`begin`](LogWriter::begin) and
 /// [`commit`](LogWriter::commit); reads through this trait see the writes of the
 /// open transaction. Every method takes the whole batch, so that a commit costs a
@@ -367,25 +389,14 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
         rows: &'a [(i64, i64, Watermarks)],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Returns the distinct senders other than `except` of the messages (not
-    /// notices) of a conversation with `after < id <= up_to`.
-    fn senders_between(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>>;
-
-    /// Counts the messages of a conversation after `after` sent by others,
-    /// without a notice, stopping at `cap`.
-    fn count_unread(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        user_id: i64,
+    /// Answers the receipt commands' reads of the stored messages, one
+    /// [`ReceiptFacts`] per query in order, with unread counts stopping at
+    /// `cap`: the whole batch's in one call.
+    fn receipt_facts<'a>(
+        &'a mut self,
+        queries: &'a [ReceiptQuery],
         cap: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>>;
+    ) -> BoxFuture<'a, Result<Vec<ReceiptFacts>, StoreError>>;
 
     /// Records leave points (`(user id, last visible id)` each) of a
     /// conversation and drops the users' watermarks when `drop_receipts`.

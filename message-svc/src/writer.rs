@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::MessageError;
 use crate::members::Snapshot;
 use crate::store::{
-    EventPayload, EventRow, LogWriter, StoreError, StoredMessage, UNREAD_CAP, Watermarks,
+    EventPayload, EventRow, LogWriter, ReceiptQuery, StoreError, StoredMessage, UNREAD_CAP,
+    Watermarks,
 };
 
 /// Commands waiting for the writer. When full, senders wait: the service never
@@ -338,7 +339,29 @@ struct BatchState<'k> {
     /// messages included.
     newest: HashMap<i64, i64>,
     answers: Vec<Answer>,
+    /// The receipt commands' reads of stored messages, answered for the whole
+    /// batch in one call once every command is applied ([`Writer::complete_receipts`]).
+    reads: Vec<ReceiptRead>,
     accepted_at: Instant,
+}
+
+/// A receipt command's read of the stored messages, and what waits for it.
+#[derive(Debug)]
+struct ReceiptRead {
+    query: ReceiptQuery,
+    /// Where in `pending` the receipt events for the senders go: where the
+    /// command would have put them.
+    events_at: usize,
+    /// The receipt those events carry.
+    receipt: Receipt,
+    /// The senders among this batch's messages, known when the command was
+    /// applied.
+    senders: Vec<i64>,
+    /// The read state event in `pending` whose unread count gets the stored
+    /// messages' added.
+    read_state_at: Option<usize>,
+    /// The answer in `answers` that does.
+    answer_at: usize,
 }
 
 impl BatchState<'_> {
@@ -451,13 +474,12 @@ impl Writer {
     ///
     /// The statements do not grow with the batch: one dedup lookup, one lookup
     /// each of the watermarks and newest ids the receipt commands need, one of
-    /// the last seqs not in memory, one insert each of the messages, the events
-    /// and the watermarks (each split only at the backend's size limit).
-    /// Everything else, dedup within the batch included, is decided here in
-    /// memory, in request order. The exceptions are rare or inherent: a
-    /// receipt command asks for the senders it covers and counts the unread
-    /// messages; a notice that removes or re-adds members writes their leave
-    /// points.
+    /// what they need of the stored messages (the senders each covers, the
+    /// unread counts), one of the last seqs not in memory, one insert each of
+    /// the messages, the events and the watermarks (each split only at the
+    /// backend's size limit). Everything else, dedup within the batch included,
+    /// is decided here in memory, in request order. The exception is rare: a
+    /// notice that removes or re-adds members writes their leave points.
     async fn apply(
         &mut self,
         batch: &[WriteRequest],
@@ -531,6 +553,7 @@ impl Writer {
             moved: HashSet::new(),
             newest,
             answers: Vec::with_capacity(batch.len()),
+            reads: Vec::new(),
             accepted_at: Instant::now(),
         };
         let sent_at_ms = confab_common::now_ms();
@@ -540,10 +563,11 @@ impl Writer {
             let answer = match &request.command {
                 Command::Send(send) => self.apply_send(&mut state, send, key, sent_at_ms),
                 Command::Notice(notice) => self.apply_notice(&mut state, notice, key, sent_at_ms),
-                Command::Receipts(receipt) => self.apply_receipts(&mut state, receipt).await?,
+                Command::Receipts(receipt) => self.apply_receipts(&mut state, receipt),
             };
             state.answers.push(answer);
         }
+        self.complete_receipts(&mut state).await?;
 
         let rows = self.number_events(&state, events, touched).await?;
         if !state.messages.is_empty() {
@@ -765,16 +789,16 @@ impl Writer {
         Answer::Notice(written)
     }
 
-    async fn apply_receipts(
-        &mut self,
-        state: &mut BatchState<'_>,
-        command: &ReceiptCommand,
-    ) -> Result<Answer, StoreError> {
+    /// Moves the watermarks of a receipt command. What it needs of the stored
+    /// messages (the senders its watermarks newly cover, the unread count) is
+    /// read later for the whole batch, in [`Self::complete_receipts`]; this
+    /// batch's own messages are counted here, as of the command's place in it.
+    fn apply_receipts(&mut self, state: &mut BatchState<'_>, command: &ReceiptCommand) -> Answer {
         let (conversation_id, user_id) = (command.conversation_id, command.user_id);
         let snapshot = self.resolve(conversation_id, &command.hint);
         // Channels have no member list; the service checked with group-svc.
         if !snapshot.is_channel() && !snapshot.has_member(user_id) {
-            return Ok(Answer::Refused(MessageError::ConversationNotFound));
+            return Answer::Refused(MessageError::ConversationNotFound);
         }
         let key = (conversation_id, user_id);
         let old = state.marks.get(&key).copied().unwrap_or_default();
@@ -797,6 +821,24 @@ impl Writer {
             state.moved.insert(key);
         }
 
+        let mut read = ReceiptRead {
+            query: ReceiptQuery {
+                conversation_id,
+                user_id,
+                senders: None,
+                unread_after: new.read_up_to,
+            },
+            events_at: state.pending.len(),
+            receipt: Receipt {
+                conversation_id,
+                user_id,
+                delivered_up_to: new.delivered_up_to,
+                read_up_to: new.read_up_to,
+            },
+            senders: Vec::new(),
+            read_state_at: None,
+            answer_at: state.answers.len(),
+        };
         if new != old && !snapshot.is_channel() {
             // Messages newly covered by either watermark (read never passes
             // delivered, so one range holds both).
@@ -805,44 +847,19 @@ impl Writer {
             } else {
                 old.delivered_up_to
             };
-            let mut senders = self
-                .log
-                .senders_between(conversation_id, after, new.delivered_up_to, user_id)
-                .await?;
-            senders.extend(
-                state
-                    .new_by_others(conversation_id, after, new.delivered_up_to, user_id)
-                    .map(|m| m.sender_id),
-            );
-            senders.sort_unstable();
-            senders.dedup();
-            for sender_id in senders {
-                state.pending.push(Pending {
-                    audience: Audience::User(sender_id),
-                    payload: PendingPayload::Receipt(Receipt {
-                        conversation_id,
-                        user_id,
-                        delivered_up_to: new.delivered_up_to,
-                        read_up_to: new.read_up_to,
-                    }),
-                    origin_device: None,
-                    accepted_at: state.accepted_at,
-                });
-            }
+            read.query.senders = Some((after, new.delivered_up_to));
+            read.senders = state
+                .new_by_others(conversation_id, after, new.delivered_up_to, user_id)
+                .map(|m| m.sender_id)
+                .collect();
         }
-
-        let stored = self
-            .log
-            .count_unread(conversation_id, new.read_up_to, user_id, UNREAD_CAP)
-            .await?;
         let in_batch = state
             .new_by_others(conversation_id, new.read_up_to, i64::MAX, user_id)
             .count();
-        let unread_count = stored
-            .saturating_add(u32::try_from(in_batch).unwrap_or(u32::MAX))
-            .min(UNREAD_CAP);
+        let unread_count = u32::try_from(in_batch).unwrap_or(u32::MAX).min(UNREAD_CAP);
         if read_moved {
             // Every device of the reader clears its badge.
+            read.read_state_at = Some(state.pending.len());
             state.pending.push(Pending {
                 audience: Audience::User(user_id),
                 payload: PendingPayload::ReadState(ReadState {
@@ -854,10 +871,61 @@ impl Writer {
                 accepted_at: state.accepted_at,
             });
         }
-        Ok(Answer::Receipts(ReceiptsMoved {
+        state.reads.push(read);
+        Answer::Receipts(ReceiptsMoved {
             marks: new,
             unread_count,
-        }))
+        })
+    }
+
+    /// Reads what the batch's receipt commands need of the stored messages, in
+    /// one call, and completes them: the receipt events for the senders go in
+    /// at each command's place, and the stored unread messages are added to
+    /// the counts.
+    async fn complete_receipts(&mut self, state: &mut BatchState<'_>) -> Result<(), StoreError> {
+        if state.reads.is_empty() {
+            return Ok(());
+        }
+        let queries: Vec<ReceiptQuery> = state.reads.iter().map(|read| read.query).collect();
+        let facts = self.log.receipt_facts(&queries, UNREAD_CAP).await?;
+        let reads = std::mem::take(&mut state.reads);
+        let mut pending = Vec::with_capacity(state.pending.len() + reads.len());
+        let mut earlier = std::mem::take(&mut state.pending)
+            .into_iter()
+            .enumerate()
+            .peekable();
+        for (read, fact) in reads.into_iter().zip(facts) {
+            let add = |count: u32| count.saturating_add(fact.unread).min(UNREAD_CAP);
+            if let Some(Answer::Receipts(moved)) = state.answers.get_mut(read.answer_at) {
+                moved.unread_count = add(moved.unread_count);
+            }
+            while let Some((_, event)) = earlier.next_if(|(i, _)| *i < read.events_at) {
+                pending.push(event);
+            }
+            let mut senders = read.senders;
+            senders.extend(fact.senders);
+            senders.sort_unstable();
+            senders.dedup();
+            for sender_id in senders {
+                pending.push(Pending {
+                    audience: Audience::User(sender_id),
+                    payload: PendingPayload::Receipt(read.receipt),
+                    origin_device: None,
+                    accepted_at: state.accepted_at,
+                });
+            }
+            if let Some(at) = read.read_state_at
+                && let Some((_, mut event)) = earlier.next_if(|(i, _)| *i == at)
+            {
+                if let PendingPayload::ReadState(read_state) = &mut event.payload {
+                    read_state.unread_count = add(read_state.unread_count);
+                }
+                pending.push(event);
+            }
+        }
+        pending.extend(earlier.map(|(_, event)| event));
+        state.pending = pending;
+        Ok(())
     }
 
     /// Numbers the batch's pending events per user, in commit order, and returns

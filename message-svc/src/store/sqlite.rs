@@ -19,8 +19,8 @@ use super::common::{
     notice_to_sql, select_messages, seq_from_sql, seq_to_sql,
 };
 use super::{
-    BoxFuture, EventRow, LogWriter, MessageStore, StoreError, StoredMessage, UNREAD_CAP,
-    WatermarkMap, Watermarks,
+    BoxFuture, EventRow, LogWriter, MessageStore, ReceiptFacts, ReceiptQuery, StoreError,
+    StoredMessage, UNREAD_CAP, WatermarkMap, Watermarks,
 };
 
 mod checkpoint;
@@ -41,6 +41,10 @@ const READ_CONNECTIONS: u32 = 4;
 /// sqlx evicts the least recently used beyond it, so this bounds memory
 /// whatever the texts.
 const WRITER_STATEMENT_CACHE: usize = 128;
+
+/// Receipt queries per SELECT of [`common::push_receipt_facts`]: two terms
+/// each, and SQLite allows 500 in one compound SELECT.
+const RECEIPT_QUERIES_PER_STATEMENT: usize = 200;
 
 /// Opens the database at `path`, creating the schema if needed, and returns the
 /// read side and the write side.
@@ -417,17 +421,6 @@ impl SqliteLogWriter {
         }
         &mut self.conn
     }
-
-    /// Sends what is pending, if anything: before a statement that cannot go
-    /// with it (its `$N` parameters count from the query's first).
-    async fn flush(&mut self) -> Result<(), StoreError> {
-        if self.pending.statements == 0 {
-            return Ok(());
-        }
-        let (mut query, _) = self.pending.take();
-        query.build().persistent(false).execute(self.conn()).await?;
-        Ok(())
-    }
 }
 
 impl LogWriter for SqliteLogWriter {
@@ -621,34 +614,34 @@ impl LogWriter for SqliteLogWriter {
         Box::pin(future::ready(Ok(())))
     }
 
-    fn senders_between(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
-        Box::pin(async move {
-            // A receipt command's read, after the batch's first: nothing is
-            // pending in the group commit.
-            self.flush().await?;
-            let conn = self.conn();
-            common::Shared::senders_between(conn, conversation_id, after, up_to, except).await
-        })
-    }
-
-    fn count_unread(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        user_id: i64,
+    fn receipt_facts<'a>(
+        &'a mut self,
+        queries: &'a [ReceiptQuery],
         cap: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<ReceiptFacts>, StoreError>> {
         Box::pin(async move {
-            // As in `senders_between`.
-            self.flush().await?;
-            let conn = self.conn();
-            common::Shared::count_unread(conn, conversation_id, after, user_id, cap).await
+            if queries.is_empty() {
+                return Ok(Vec::new());
+            }
+            // In front of it whatever is pending (BEGIN, in a batch whose only
+            // reads are these); SQLite allows at most 500 terms in one compound
+            // SELECT, so at most 200 queries (400 terms) go in each statement.
+            let (mut query, _) = self.pending.take();
+            for (i, chunk) in queries.chunks(RECEIPT_QUERIES_PER_STATEMENT).enumerate() {
+                common::push_receipt_facts(
+                    &mut query,
+                    chunk,
+                    i * RECEIPT_QUERIES_PER_STATEMENT,
+                    cap,
+                );
+                query.push("; ");
+            }
+            let rows: Vec<(i64, i64, i64)> = query
+                .build_query_as()
+                .persistent(false)
+                .fetch_all(self.conn())
+                .await?;
+            Ok(common::receipt_facts_from_rows(queries.len(), rows, cap))
         })
     }
 

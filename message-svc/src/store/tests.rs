@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use confab_proto::v1::{MembersAdded, Notice, ReadState, Receipt, notice};
 
 use super::{
-    EventPayload, EventRow, HistoryQuery, LogWriter, MessageStore, Page, StoreError, StoredMessage,
-    UNREAD_CAP, UserEventKind, Watermarks,
+    EventPayload, EventRow, HistoryQuery, LogWriter, MessageStore, Page, ReceiptFacts,
+    ReceiptQuery, StoreError, StoredMessage, UNREAD_CAP, UserEventKind, Watermarks,
 };
 
 /// The read side of a fresh store, as the suite gets it.
@@ -486,12 +486,45 @@ pub(crate) async fn writer_reads_its_own_transaction(_store: Store, mut log: Log
         log.newest_ids(&[7, 8]).await.unwrap(),
         HashMap::from([(7, 6)])
     );
-    let mut senders = log.senders_between(7, 1, 6, 3).await.unwrap();
-    senders.sort_unstable();
-    assert_eq!(senders, vec![1, 2]);
-    assert_eq!(log.count_unread(7, 1, 1, 100).await.unwrap(), 3);
-    assert_eq!(log.count_unread(7, 1, 1, 2).await.unwrap(), 2);
-    assert_eq!(log.count_unread(7, 6, 1, 100).await.unwrap(), 0);
+    // Several receipt commands' reads in one call, answered in order: the
+    // senders only where asked for, the counts stopping at the cap.
+    let query = |user_id, senders, unread_after| ReceiptQuery {
+        conversation_id: 7,
+        user_id,
+        senders,
+        unread_after,
+    };
+    let queries = [
+        query(3, Some((1, 6)), 1),
+        query(1, None, 1),
+        query(1, None, 6),
+        query(1, Some((6, 9)), 6),
+        ReceiptQuery {
+            conversation_id: 8,
+            ..query(1, Some((0, 9)), 0)
+        },
+    ];
+    let mut facts = log.receipt_facts(&queries, 100).await.unwrap();
+    facts[0].senders.sort_unstable();
+    let fact = |senders: Vec<i64>, unread| ReceiptFacts { senders, unread };
+    assert_eq!(
+        facts,
+        [
+            fact(vec![1, 2], 3),
+            fact(vec![], 3),
+            fact(vec![], 0),
+            fact(vec![], 0),
+            fact(vec![], 0),
+        ]
+    );
+    let capped = log.receipt_facts(&queries[1..2], 2).await.unwrap();
+    assert_eq!(capped, [fact(vec![], 2)]);
+    assert!(log.receipt_facts(&[], 2).await.unwrap().is_empty());
+    // More queries than SQLite allows in one compound SELECT.
+    let many = vec![queries[0]; 450];
+    let mut answers = log.receipt_facts(&many, 100).await.unwrap();
+    answers.iter_mut().for_each(|a| a.senders.sort_unstable());
+    assert_eq!(answers, vec![fact(vec![1, 2], 3); 450]);
     assert_eq!(
         log.last_seqs(&[5, 6, 7, 5]).await.unwrap(),
         HashMap::from([(5, 2), (6, 1)])

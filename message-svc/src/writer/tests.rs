@@ -128,25 +128,12 @@ impl LogWriter for FailingLog {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.save_watermarks(rows)
     }
-    fn senders_between(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> BoxFuture<'_, Result<Vec<i64>, StoreError>> {
-        self.inner
-            .senders_between(conversation_id, after, up_to, except)
-    }
-    fn count_unread(
-        &mut self,
-        conversation_id: i64,
-        after: i64,
-        user_id: i64,
+    fn receipt_facts<'a>(
+        &'a mut self,
+        queries: &'a [crate::store::ReceiptQuery],
         cap: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        self.inner
-            .count_unread(conversation_id, after, user_id, cap)
+    ) -> BoxFuture<'a, Result<Vec<crate::store::ReceiptFacts>, StoreError>> {
+        self.inner.receipt_facts(queries, cap)
     }
     fn record_leaves<'a>(
         &'a mut self,

@@ -3,12 +3,14 @@
 
 use std::marker::PhantomData;
 
-use sqlx::{ColumnIndex, Database, Executor, IntoArguments, Pool};
+use sqlx::{ColumnIndex, Database, Executor, IntoArguments, Pool, QueryBuilder};
 
 use super::{
     SqlValue, event_from_row, message_from_row, page, seq_from_sql, seq_to_sql, watermarks_by_user,
 };
-use crate::store::{HistoryQuery, Page, StoreError, StoredMessage, SyncPage, Watermarks};
+use crate::store::{
+    HistoryQuery, Page, ReceiptFacts, ReceiptQuery, StoreError, StoredMessage, SyncPage, Watermarks,
+};
 
 /// The statements every backend spells alike, on any database `DB` that binds
 /// and reads their types (SQLite and PostgreSQL): sqlx binds `$N` parameters on
@@ -210,33 +212,6 @@ where
         ))
     }
 
-    /// Returns the distinct senders other than `except` of the messages (not
-    /// notices) of a conversation with `after < id <= up_to`.
-    ///
-    /// # Errors
-    ///
-    /// Fails when the statement fails.
-    pub(crate) async fn senders_between<'e>(
-        executor: impl Executor<'e, Database = DB>,
-        conversation_id: i64,
-        after: i64,
-        up_to: i64,
-        except: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let senders = sqlx::query_scalar(
-            "SELECT DISTINCT sender_id FROM messages \
-             WHERE conversation_id = $1 AND id > $2 AND id <= $3 AND sender_id <> $4 \
-             AND notice IS NULL",
-        )
-        .bind(conversation_id)
-        .bind(after)
-        .bind(up_to)
-        .bind(except)
-        .fetch_all(executor)
-        .await?;
-        Ok(senders)
-    }
-
     /// Counts the messages of a conversation after `after`, sent by others and not
     /// notices, reading at most `cap` index entries.
     ///
@@ -264,6 +239,26 @@ where
         Ok(count_from_sql(count, cap))
     }
 
+    /// Answers `queries` in one statement (see
+    /// [`LogWriter::receipt_facts`](crate::store::LogWriter::receipt_facts)).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the statement fails.
+    pub(crate) async fn receipt_facts<'e>(
+        executor: impl Executor<'e, Database = DB>,
+        queries: &[ReceiptQuery],
+        cap: u32,
+    ) -> Result<Vec<ReceiptFacts>, StoreError> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = QueryBuilder::new("");
+        push_receipt_facts(&mut query, queries, 0, cap);
+        let rows: Vec<(i64, i64, i64)> = query.build_query_as().fetch_all(executor).await?;
+        Ok(receipt_facts_from_rows(queries.len(), rows, cap))
+    }
+
     /// Commits the open transaction.
     ///
     /// # Errors
@@ -280,6 +275,74 @@ where
 /// Counts as a `u32`, saturating.
 fn count_from_sql(count: i64, cap: u32) -> u32 {
     u32::try_from(count).unwrap_or(cap)
+}
+
+/// Appends to `query` one SELECT answering `queries`, numbered from `first`:
+/// rows `(query number, 0, sender id)` for the senders asked for and one row
+/// `(query number, 1, unread count)` each; a UNION ALL of two terms per query.
+pub(crate) fn push_receipt_facts<DB>(
+    query: &mut QueryBuilder<DB>,
+    queries: &[ReceiptQuery],
+    first: usize,
+    cap: u32,
+) where
+    DB: Database,
+    i64: SqlValue<DB>,
+{
+    for (i, q) in queries.iter().enumerate() {
+        let number = i64::try_from(first + i).unwrap_or(i64::MAX);
+        if i > 0 {
+            query.push(" UNION ALL ");
+        }
+        if let Some((after, up_to)) = q.senders {
+            query
+                .push("SELECT CAST(")
+                .push_bind(number)
+                .push(" AS BIGINT), CAST(0 AS BIGINT), sender_id FROM (SELECT DISTINCT sender_id FROM messages WHERE conversation_id = ")
+                .push_bind(q.conversation_id)
+                .push(" AND id > ")
+                .push_bind(after)
+                .push(" AND id <= ")
+                .push_bind(up_to)
+                .push(" AND sender_id <> ")
+                .push_bind(q.user_id)
+                .push(" AND notice IS NULL) AS s UNION ALL ");
+        }
+        // The count reads at most `cap` index entries.
+        query
+            .push("SELECT CAST(")
+            .push_bind(number)
+            .push(" AS BIGINT), CAST(1 AS BIGINT), COUNT(*) FROM (SELECT 1 FROM messages WHERE conversation_id = ")
+            .push_bind(q.conversation_id)
+            .push(" AND id > ")
+            .push_bind(q.unread_after)
+            .push(" AND sender_id <> ")
+            .push_bind(q.user_id)
+            .push(" AND notice IS NULL LIMIT ")
+            .push_bind(i64::from(cap))
+            .push(") AS c");
+    }
+}
+
+/// Gathers the rows of [`push_receipt_facts`] statements into the facts of
+/// `count` queries numbered from 0.
+pub(crate) fn receipt_facts_from_rows(
+    count: usize,
+    rows: Vec<(i64, i64, i64)>,
+    cap: u32,
+) -> Vec<ReceiptFacts> {
+    let mut facts = vec![ReceiptFacts::default(); count];
+    for (number, kind, value) in rows {
+        let Some(fact) = usize::try_from(number).ok().and_then(|i| facts.get_mut(i)) else {
+            continue;
+        };
+        if kind == 0 {
+            fact.senders.push(value);
+        } else {
+            fact.unread = count_from_sql(value, cap);
+        }
+    }
+    facts
 }
 
 /// Implements the named [`MessageStore`](crate::store::MessageStore) methods,
@@ -369,28 +432,14 @@ macro_rules! shared_writes {
     ($($method:ident),+ $(,)?) => {
         $($crate::store::common::shared_writes!(@ $method);)+
     };
-    (@ senders_between) => {
-        fn senders_between(
-            &mut self,
-            conversation_id: i64,
-            after: i64,
-            up_to: i64,
-            except: i64,
-        ) -> $crate::store::BoxFuture<'_, Result<Vec<i64>, $crate::store::StoreError>> {
-            let executor = &mut self.conn;
-            Box::pin($crate::store::common::Shared::senders_between(executor, conversation_id, after, up_to, except))
-        }
-    };
-    (@ count_unread) => {
-        fn count_unread(
-            &mut self,
-            conversation_id: i64,
-            after: i64,
-            user_id: i64,
+    (@ receipt_facts) => {
+        fn receipt_facts<'a>(
+            &'a mut self,
+            queries: &'a [$crate::store::ReceiptQuery],
             cap: u32,
-        ) -> $crate::store::BoxFuture<'_, Result<u32, $crate::store::StoreError>> {
+        ) -> $crate::store::BoxFuture<'a, Result<Vec<$crate::store::ReceiptFacts>, $crate::store::StoreError>> {
             let executor = &mut self.conn;
-            Box::pin($crate::store::common::Shared::count_unread(executor, conversation_id, after, user_id, cap))
+            Box::pin($crate::store::common::Shared::receipt_facts(executor, queries, cap))
         }
     };
     (@ commit) => {

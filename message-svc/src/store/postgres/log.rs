@@ -340,7 +340,7 @@ impl LogWriter for PgLogWriter {
         })
     }
 
-    common::shared_writes!(senders_between, count_unread, commit, close);
+    common::shared_writes!(receipt_facts, commit, close);
 
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {

@@ -161,8 +161,9 @@ async fn commit_sends(log: &mut SqliteLogWriter, ids: std::ops::Range<i64>) -> u
 
 /// A group commit of sends is two calls on the connection (BEGIN with the
 /// dedup lookup, the writes with the COMMIT) and caches no new statement when
-/// the batch size changes a little; one of receipts is three (BEGIN with the
-/// watermark lookup, the newest ids, the writes with the COMMIT).
+/// the batch size changes a little; one of receipts is four, however many
+/// receipts (BEGIN with the watermark lookup, the newest ids, every receipt's
+/// senders and unread count, the writes with the COMMIT).
 #[tokio::test]
 async fn group_commit_round_trips() {
     let (_store, mut log, dir) = open_writer().await;
@@ -177,6 +178,16 @@ async fn group_commit_round_trips() {
     let marks = log.load_watermarks(&[(7, 2), (7, 3)]).await.unwrap();
     assert!(marks.is_empty());
     assert_eq!(log.newest_ids(&[7]).await.unwrap()[&7], 28);
+    let queries: Vec<ReceiptQuery> = [2, 3]
+        .map(|user_id| ReceiptQuery {
+            conversation_id: 7,
+            user_id,
+            senders: Some((0, 28)),
+            unread_after: 28,
+        })
+        .into();
+    let facts = log.receipt_facts(&queries, UNREAD_CAP).await.unwrap();
+    assert_eq!(facts.len(), 2);
     let moved = Watermarks {
         delivered_up_to: 28,
         read_up_to: 28,
@@ -185,7 +196,7 @@ async fn group_commit_round_trips() {
         .await
         .unwrap();
     log.commit().await.unwrap();
-    assert_eq!(log.round_trips - before, 3);
+    assert_eq!(log.round_trips - before, 4);
     let marks = log.load_watermarks(&[(7, 2)]).await.unwrap();
     assert_eq!(marks[&(7, 2)], moved);
     Box::new(log).close().await.unwrap();
