@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicBool;
 
 use super::*;
 use crate::store::sqlite::{self, SqliteLogWriter, SqliteStore};
-use crate::store::{BoxFuture, MessageStore as _, UserEvent};
+use crate::store::{BoxFuture, MessageStore as _, UserEvent, UserEventKind};
 use crate::testing::RecordingBus;
 
 struct Setup {
@@ -501,4 +501,77 @@ async fn duplicates_of_stored_and_new_in_one_batch() {
             ]
         );
     }
+}
+
+/// Receipts and sends in one batch: the receipt commands' reads of stored
+/// messages are answered together after the batch is applied, yet every event
+/// sits where its command put it, and the counts include the batch's own
+/// messages as of each command's place.
+#[tokio::test]
+async fn receipts_and_sends_in_one_batch_keep_command_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(&dir, None).await;
+    let members = [1, 2, 3];
+    let m1 = submit(&s.handle, command(1, 10, &members, "m1"))
+        .await
+        .unwrap();
+    let m2 = submit(&s.handle, command(2, 10, &members, "m2"))
+        .await
+        .unwrap();
+    let receipt = |user_id, delivered_up_to, read_up_to| ReceiptCommand {
+        user_id,
+        conversation_id: 10,
+        delivered_up_to,
+        read_up_to,
+        hint: hint(&members),
+    };
+    let commits = s.stats.commits.load(Ordering::Relaxed);
+    // On the current-thread runtime the writer cannot run before all three
+    // are queued, so they land in one batch.
+    let (read, m3, delivered) = tokio::join!(
+        submit_receipts(&s.handle, receipt(3, 0, m2.message.id)),
+        submit(&s.handle, command(1, 10, &members, "m3")),
+        submit_receipts(&s.handle, receipt(2, i64::MAX, 0)),
+    );
+    let (read, m3, delivered) = (read.unwrap(), m3.unwrap(), delivered.unwrap());
+    assert_eq!(s.stats.commits.load(Ordering::Relaxed), commits + 1);
+    // User 3 read both stored messages; m3 came after the command.
+    assert_eq!(read.unread_count, 0);
+    // User 2 only took delivery: m1 (stored) and m3 (this batch) are unread.
+    assert_eq!(delivered.unread_count, 2);
+    assert_eq!(delivered.marks.delivered_up_to, m3.message.id);
+
+    let kinds = |events: Vec<UserEvent>| -> Vec<String> {
+        events
+            .into_iter()
+            .map(|event| match event.kind {
+                UserEventKind::Message(m) => format!("message {}", m.client_msg_id),
+                UserEventKind::Receipt(r) => format!("receipt of {}", r.user_id),
+                UserEventKind::ReadState(r) => format!("read state, {} unread", r.unread_count),
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(all_events(&s.store, 1).await),
+        [
+            "message m1",
+            "message m2",
+            "receipt of 3",
+            "message m3",
+            "receipt of 2"
+        ]
+    );
+    assert_eq!(
+        kinds(all_events(&s.store, 2).await),
+        ["message m1", "message m2", "receipt of 3", "message m3"]
+    );
+    assert_eq!(
+        kinds(all_events(&s.store, 3).await),
+        [
+            "message m1",
+            "message m2",
+            "read state, 0 unread",
+            "message m3"
+        ]
+    );
 }
