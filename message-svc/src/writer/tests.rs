@@ -512,7 +512,7 @@ async fn receipts_and_sends_in_one_batch_keep_command_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(&dir, None).await;
     let members = [1, 2, 3];
-    let m1 = submit(&s.handle, command(1, 10, &members, "m1"))
+    submit(&s.handle, command(1, 10, &members, "m1"))
         .await
         .unwrap();
     let m2 = submit(&s.handle, command(2, 10, &members, "m2"))
