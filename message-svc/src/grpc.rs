@@ -37,10 +37,10 @@ pub(crate) fn receipts_response(
 ) -> UpdateReceiptsResponse {
     UpdateReceiptsResponse {
         delivered_up_to: moved.marks.delivered_up_to,
-        read_state: Some(ReadState {
+        read_state: moved.unread_count.map(|unread_count| ReadState {
             conversation_id,
             read_up_to: moved.marks.read_up_to,
-            unread_count: moved.unread_count,
+            unread_count,
         }),
     }
 }

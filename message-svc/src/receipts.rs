@@ -189,7 +189,7 @@ mod tests {
         conversation_id: i64,
         delivered_up_to: i64,
         read_up_to: i64,
-    ) -> Result<(i64, ReadState), tonic::Status> {
+    ) -> Result<(i64, Option<ReadState>), tonic::Status> {
         let request = Request::new(UpdateReceiptsRequest {
             user_id,
             conversation_id,
@@ -199,7 +199,7 @@ mod tests {
         let response = Messages::update_receipts(service, request)
             .await?
             .into_inner();
-        Ok((response.delivered_up_to, response.read_state.unwrap()))
+        Ok((response.delivered_up_to, response.read_state))
     }
 
     async fn receipts_of(service: &MessageService, user_id: i64) -> Vec<Receipt> {
@@ -245,14 +245,17 @@ mod tests {
         let m2 = send(&service, u[2], group, "m2").await.unwrap().id;
         let m3 = send(&service, u[1], group, "m3").await.unwrap().id;
 
+        // A delivery leaves what is unread as it is: no read state.
         let delivered = mark(&service, u[3], group, m1, 0).await.unwrap();
-        assert_eq!(delivered, (m1, state(group, 0, 3)));
+        assert_eq!(delivered, (m1, None));
         let read = mark(&service, u[3], group, 0, m2).await.unwrap();
-        assert_eq!(read, (m2, state(group, m2, 1)), "read implies delivered");
+        let expected = (m2, Some(state(group, m2, 1)));
+        assert_eq!(read, expected, "read implies delivered");
         let back = mark(&service, u[3], group, m1, m1).await.unwrap();
-        assert_eq!(back, (m2, state(group, m2, 1)), "never back");
+        assert_eq!(back, (m2, Some(state(group, m2, 1))), "never back");
         let beyond = mark(&service, u[3], group, 0, i64::MAX).await.unwrap();
-        assert_eq!(beyond, (m3, state(group, m3, 0)), "clamped to the newest");
+        let expected = (m3, Some(state(group, m3, 0)));
+        assert_eq!(beyond, expected, "clamped to the newest");
 
         let receipt = |delivered_up_to, read_up_to| Receipt {
             conversation_id: group,

@@ -306,8 +306,16 @@ pub(crate) struct ReceiptQuery {
     /// `(after, up_to)`: the senders of the messages (not notices) with
     /// `after < id <= up_to` are asked for; `None` asks for none.
     pub(crate) senders: Option<(i64, i64)>,
-    /// The messages by others (not notices) after this id are counted.
-    pub(crate) unread_after: i64,
+    /// The messages by others (not notices) after this id are counted; `None`
+    /// counts none.
+    pub(crate) unread_after: Option<i64>,
+}
+
+impl ReceiptQuery {
+    /// Returns whether the query asks for anything.
+    pub(crate) fn asks(&self) -> bool {
+        self.senders.is_some() || self.unread_after.is_some()
+    }
 }
 
 /// The answer to a [`ReceiptQuery`].
@@ -315,7 +323,7 @@ pub(crate) struct ReceiptQuery {
 pub(crate) struct ReceiptFacts {
     /// The distinct senders asked for, in no particular order.
     pub(crate) senders: Vec<i64>,
-    /// The unread messages, at most the cap.
+    /// The unread messages, at most the cap (0 when not asked for).
     pub(crate) unread: u32,
 }
 

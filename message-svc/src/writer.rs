@@ -107,8 +107,11 @@ pub(crate) struct Sent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ReceiptsMoved {
     pub(crate) marks: Watermarks,
-    /// Messages after the read watermark sent by others, at most [`UNREAD_CAP`].
-    pub(crate) unread_count: u32,
+    /// Messages after the read watermark sent by others, at most
+    /// [`UNREAD_CAP`], when the command asked to move the read watermark (a
+    /// delivery changes nothing of what is unread, and counting costs up to
+    /// the cap).
+    pub(crate) unread_count: Option<u32>,
 }
 
 /// The outcome of any command.
@@ -821,12 +824,15 @@ impl Writer {
             state.moved.insert(key);
         }
 
+        // A delivery leaves what is unread as it is: the count (up to the cap
+        // of index entries) is taken only for a command that asked to read.
+        let counted = command.read_up_to > 0;
         let mut read = ReceiptRead {
             query: ReceiptQuery {
                 conversation_id,
                 user_id,
                 senders: None,
-                unread_after: new.read_up_to,
+                unread_after: counted.then_some(new.read_up_to),
             },
             events_at: state.pending.len(),
             receipt: Receipt {
@@ -856,7 +862,8 @@ impl Writer {
         let in_batch = state
             .new_by_others(conversation_id, new.read_up_to, i64::MAX, user_id)
             .count();
-        let unread_count = u32::try_from(in_batch).unwrap_or(u32::MAX).min(UNREAD_CAP);
+        let in_batch = u32::try_from(in_batch).unwrap_or(u32::MAX).min(UNREAD_CAP);
+        let unread_count = counted.then_some(in_batch);
         if read_moved {
             // Every device of the reader clears its badge.
             read.read_state_at = Some(state.pending.len());
@@ -865,13 +872,15 @@ impl Writer {
                 payload: PendingPayload::ReadState(ReadState {
                     conversation_id,
                     read_up_to: new.read_up_to,
-                    unread_count,
+                    unread_count: in_batch,
                 }),
                 origin_device: None,
                 accepted_at: state.accepted_at,
             });
         }
-        state.reads.push(read);
+        if read.query.asks() {
+            state.reads.push(read);
+        }
         Answer::Receipts(ReceiptsMoved {
             marks: new,
             unread_count,
@@ -897,7 +906,7 @@ impl Writer {
         for (read, fact) in reads.into_iter().zip(facts) {
             let add = |count: u32| count.saturating_add(fact.unread).min(UNREAD_CAP);
             if let Some(Answer::Receipts(moved)) = state.answers.get_mut(read.answer_at) {
-                moved.unread_count = add(moved.unread_count);
+                moved.unread_count = moved.unread_count.map(add);
             }
             while let Some((_, event)) = earlier.next_if(|(i, _)| *i < read.events_at) {
                 pending.push(event);

@@ -620,14 +620,17 @@ impl LogWriter for SqliteLogWriter {
         cap: u32,
     ) -> BoxFuture<'a, Result<Vec<ReceiptFacts>, StoreError>> {
         Box::pin(async move {
-            if queries.is_empty() {
-                return Ok(Vec::new());
+            if !queries.iter().any(ReceiptQuery::asks) {
+                return Ok(vec![ReceiptFacts::default(); queries.len()]);
             }
             // In front of it whatever is pending (BEGIN, in a batch whose only
             // reads are these); SQLite allows at most 500 terms in one compound
             // SELECT, so at most 200 queries (400 terms) go in each statement.
             let (mut query, _) = self.pending.take();
             for (i, chunk) in queries.chunks(RECEIPT_QUERIES_PER_STATEMENT).enumerate() {
+                if !chunk.iter().any(ReceiptQuery::asks) {
+                    continue;
+                }
                 common::push_receipt_facts(
                     &mut query,
                     chunk,

@@ -492,7 +492,7 @@ pub(crate) async fn writer_reads_its_own_transaction(_store: Store, mut log: Log
         conversation_id: 7,
         user_id,
         senders,
-        unread_after,
+        unread_after: Some(unread_after),
     };
     let queries = [
         query(3, Some((1, 6)), 1),
@@ -519,6 +519,20 @@ pub(crate) async fn writer_reads_its_own_transaction(_store: Store, mut log: Log
     );
     let capped = log.receipt_facts(&queries[1..2], 2).await.unwrap();
     assert_eq!(capped, [fact(vec![], 2)]);
+    // Only what is asked for: no count, or nothing at all.
+    let no_count = ReceiptQuery {
+        unread_after: None,
+        ..queries[0]
+    };
+    let nothing = ReceiptQuery {
+        senders: None,
+        ..no_count
+    };
+    let mut facts = log.receipt_facts(&[no_count, nothing], 2).await.unwrap();
+    facts[0].senders.sort_unstable();
+    assert_eq!(facts, [fact(vec![1, 2], 0), fact(vec![], 0)]);
+    let facts = log.receipt_facts(&[nothing], 2).await.unwrap();
+    assert_eq!(facts, [fact(vec![], 0)]);
     assert!(log.receipt_facts(&[], 2).await.unwrap().is_empty());
     // More queries than SQLite allows in one compound SELECT.
     let many = vec![queries[0]; 450];

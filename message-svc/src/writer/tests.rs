@@ -512,7 +512,7 @@ async fn receipts_and_sends_in_one_batch_keep_command_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = setup(&dir, None).await;
     let members = [1, 2, 3];
-    submit(&s.handle, command(1, 10, &members, "m1"))
+    let m1 = submit(&s.handle, command(1, 10, &members, "m1"))
         .await
         .unwrap();
     let m2 = submit(&s.handle, command(2, 10, &members, "m2"))
@@ -528,18 +528,20 @@ async fn receipts_and_sends_in_one_batch_keep_command_order() {
     let commits = s.stats.commits.load(Ordering::Relaxed);
     // On the current-thread runtime the writer cannot run before all three
     // are queued, so they land in one batch.
-    let (read, m3, delivered) = tokio::join!(
+    let (read, m3, read_m1) = tokio::join!(
         submit_receipts(&s.handle, receipt(3, 0, m2.message.id)),
         submit(&s.handle, command(1, 10, &members, "m3")),
-        submit_receipts(&s.handle, receipt(2, i64::MAX, 0)),
+        submit_receipts(&s.handle, receipt(2, 0, m1.message.id)),
     );
-    let (read, m3, delivered) = (read.unwrap(), m3.unwrap(), delivered.unwrap());
+    let (read, read_m1) = (read.unwrap(), read_m1.unwrap());
+    assert!(!m3.unwrap().duplicate);
     assert_eq!(s.stats.commits.load(Ordering::Relaxed), commits + 1);
     // User 3 read both stored messages; m3 came after the command.
-    assert_eq!(read.unread_count, 0);
-    // User 2 only took delivery: m1 (stored) and m3 (this batch) are unread.
-    assert_eq!(delivered.unread_count, 2);
-    assert_eq!(delivered.marks.delivered_up_to, m3.message.id);
+    assert_eq!(read.unread_count, Some(0));
+    // User 2 read m1: m3 (this batch, before the command) is unread, m2 is
+    // their own.
+    assert_eq!(read_m1.unread_count, Some(1));
+    assert_eq!(read_m1.marks.delivered_up_to, m1.message.id);
 
     let kinds = |events: Vec<UserEvent>| -> Vec<String> {
         events
@@ -563,7 +565,13 @@ async fn receipts_and_sends_in_one_batch_keep_command_order() {
     );
     assert_eq!(
         kinds(all_events(&s.store, 2).await),
-        ["message m1", "message m2", "receipt of 3", "message m3"]
+        [
+            "message m1",
+            "message m2",
+            "receipt of 3",
+            "message m3",
+            "read state, 1 unread"
+        ]
     );
     assert_eq!(
         kinds(all_events(&s.store, 3).await),

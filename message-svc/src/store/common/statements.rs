@@ -250,8 +250,8 @@ where
         queries: &[ReceiptQuery],
         cap: u32,
     ) -> Result<Vec<ReceiptFacts>, StoreError> {
-        if queries.is_empty() {
-            return Ok(Vec::new());
+        if !queries.iter().any(ReceiptQuery::asks) {
+            return Ok(vec![ReceiptFacts::default(); queries.len()]);
         }
         let mut query = QueryBuilder::new("");
         push_receipt_facts(&mut query, queries, 0, cap);
@@ -279,7 +279,9 @@ fn count_from_sql(count: i64, cap: u32) -> u32 {
 
 /// Appends to `query` one SELECT answering `queries`, numbered from `first`:
 /// rows `(query number, 0, sender id)` for the senders asked for and one row
-/// `(query number, 1, unread count)` each; a UNION ALL of two terms per query.
+/// `(query number, 1, unread count)` for each count asked for; a UNION ALL of
+/// at most two terms per query. Queries that ask for nothing add no term; at
+/// least one must ask for something.
 pub(crate) fn push_receipt_facts<DB>(
     query: &mut QueryBuilder<DB>,
     queries: &[ReceiptQuery],
@@ -289,12 +291,17 @@ pub(crate) fn push_receipt_facts<DB>(
     DB: Database,
     i64: SqlValue<DB>,
 {
-    for (i, q) in queries.iter().enumerate() {
-        let number = i64::try_from(first + i).unwrap_or(i64::MAX);
-        if i > 0 {
+    let mut terms = 0;
+    let mut union = |query: &mut QueryBuilder<DB>| {
+        if terms > 0 {
             query.push(" UNION ALL ");
         }
+        terms += 1;
+    };
+    for (i, q) in queries.iter().enumerate() {
+        let number = i64::try_from(first + i).unwrap_or(i64::MAX);
         if let Some((after, up_to)) = q.senders {
+            union(query);
             query
                 .push("SELECT CAST(")
                 .push_bind(number)
@@ -306,21 +313,24 @@ pub(crate) fn push_receipt_facts<DB>(
                 .push_bind(up_to)
                 .push(" AND sender_id <> ")
                 .push_bind(q.user_id)
-                .push(" AND notice IS NULL) AS s UNION ALL ");
+                .push(" AND notice IS NULL) AS s");
         }
-        // The count reads at most `cap` index entries.
-        query
-            .push("SELECT CAST(")
-            .push_bind(number)
-            .push(" AS BIGINT), CAST(1 AS BIGINT), COUNT(*) FROM (SELECT 1 FROM messages WHERE conversation_id = ")
-            .push_bind(q.conversation_id)
-            .push(" AND id > ")
-            .push_bind(q.unread_after)
-            .push(" AND sender_id <> ")
-            .push_bind(q.user_id)
-            .push(" AND notice IS NULL LIMIT ")
-            .push_bind(i64::from(cap))
-            .push(") AS c");
+        if let Some(after) = q.unread_after {
+            union(query);
+            // The count reads at most `cap` index entries.
+            query
+                .push("SELECT CAST(")
+                .push_bind(number)
+                .push(" AS BIGINT), CAST(1 AS BIGINT), COUNT(*) FROM (SELECT 1 FROM messages WHERE conversation_id = ")
+                .push_bind(q.conversation_id)
+                .push(" AND id > ")
+                .push_bind(after)
+                .push(" AND sender_id <> ")
+                .push_bind(q.user_id)
+                .push(" AND notice IS NULL LIMIT ")
+                .push_bind(i64::from(cap))
+                .push(") AS c");
+        }
     }
 }
 

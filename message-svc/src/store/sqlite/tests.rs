@@ -183,7 +183,7 @@ async fn group_commit_round_trips() {
             conversation_id: 7,
             user_id,
             senders: Some((0, 28)),
-            unread_after: 28,
+            unread_after: Some(28),
         })
         .into();
     let facts = log.receipt_facts(&queries, UNREAD_CAP).await.unwrap();
