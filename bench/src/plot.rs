@@ -17,11 +17,13 @@ const WIDTH: u32 = 800;
 const HEIGHT: u32 = 480;
 
 /// Line colours, one per series in turn.
-const COLOURS: [RGBColor; 4] = [
+const COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
 ];
 
 /// One line of a chart.

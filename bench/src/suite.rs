@@ -54,29 +54,31 @@ fn number(value: &Value) -> Option<f64> {
 }
 
 /// Returns the one-to-one chart: send→delivered latency against the offered
-/// rate, one point per run: p50, p90 and p99 when the runs share one transport,
-/// p50 and p99 of each transport when they do not (four lines, four colours);
-/// `None` without one-to-one runs.
+/// rate, one point per run: p50, p90 and p99 when the runs are all of one kind
+/// (transport, with or without receipts), p50 and p99 of each kind when they
+/// are not (two lines per kind); `None` without one-to-one runs.
 pub(crate) fn latency_chart(runs: &[Value]) -> Option<Chart> {
-    let transports = transports(runs, "one-to-one");
-    let several = transports.len() > 1;
+    let mut kinds: Vec<String> = of(runs, "one-to-one").map(one_to_one_kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let several = kinds.len() > 1;
     let percentiles: &[(&str, &str)] = if several {
         &[("p50", "p50_ms"), ("p99", "p99_ms")]
     } else {
         &[("p50", "p50_ms"), ("p90", "p90_ms"), ("p99", "p99_ms")]
     };
     let mut series = Vec::new();
-    for transport_name in &transports {
+    for kind in &kinds {
         for (name, field) in percentiles {
             let name = format!("{name} send to delivered");
             series.push(Series {
                 name: if several {
-                    format!("{transport_name}: {name}")
+                    format!("{kind}: {name}")
                 } else {
                     name
                 },
                 points: of(runs, "one-to-one")
-                    .filter(|run| transport(run) == *transport_name)
+                    .filter(|run| one_to_one_kind(run) == *kind)
                     .filter_map(|run| {
                         let rate = number(&run["parameters"]["rate"])?;
                         let ms = number(&run["figures"]["delivered_latency"][*field])?;
@@ -94,6 +96,17 @@ pub(crate) fn latency_chart(runs: &[Value]) -> Option<Chart> {
         log_y: true,
         legend: SeriesLabelPosition::UpperLeft,
     })
+}
+
+/// Returns the kind of a one-to-one run: its transport, and whether its
+/// receivers sent a receipt per message.
+fn one_to_one_kind(run: &Value) -> String {
+    let transport = transport(run);
+    if run["parameters"]["receipts"] == true {
+        format!("{transport} + receipts")
+    } else {
+        transport.to_owned()
+    }
 }
 
 /// Returns the transport of a run (`grpc` for runs from before `--transport`).
@@ -405,8 +418,29 @@ mod tests {
         );
         assert_eq!(chart.series[1].points, vec![(500.0, 3.0), (2_000.0, 8.0)]);
         assert_eq!(chart.series[2].points, vec![(500.0, 1.5)]);
+
+        // Runs with receipts are a kind of their own.
+        let mut with_receipts = over_ws.clone();
+        with_receipts["parameters"]["receipts"] = json!(true);
+        let runs = [runs[1].clone(), with_receipts];
+        let chart = latency_chart(&runs).unwrap();
+        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ws: p50 send to delivered",
+                "ws: p99 send to delivered",
+                "ws + receipts: p50 send to delivered",
+                "ws + receipts: p99 send to delivered",
+            ]
+        );
         let [_, asked, _] = row(&over_ws);
         assert_eq!(asked, "50 pairs over ws, 500 msg/s offered, 10 s");
+        let [_, asked, _] = row(&runs[1]);
+        assert_eq!(
+            asked,
+            "50 pairs over ws, 500 msg/s offered, 10 s, a delivered receipt per message"
+        );
     }
 
     #[test]
