@@ -491,6 +491,9 @@ impl Writer {
         touched: &mut HashSet<i64>,
     ) -> Result<(), StoreError> {
         self.log.begin().await?;
+        if self.log.shared() {
+            self.lock_heads(batch).await?;
+        }
 
         // The dedup key of every command that may write a message.
         let notice_keys: Vec<Option<String>> = batch
@@ -633,6 +636,62 @@ impl Writer {
         // The acknowledgements wait for this: with synchronous = FULL the batch is
         // on disk when it returns.
         self.log.commit().await
+    }
+
+    /// In a [`shared`](LogWriter::shared) store, locks the heads of every user
+    /// the batch may give an event (the members of its conversations, those a
+    /// notice removes) and loads their sequence numbers, before any id is
+    /// taken. Other processes number events of the same users, so what this one
+    /// remembers may be stale; and two owners of one partition for a moment (a
+    /// lease handover) must not interleave: one that waited for the locks takes
+    /// its ids after the other's commit, so ids keep the commit order of every
+    /// conversation.
+    async fn lock_heads(&mut self, batch: &[WriteRequest]) -> Result<(), StoreError> {
+        self.seqs.clear();
+        let mut users = Vec::new();
+        for request in batch {
+            match &request.command {
+                // Whichever of the two the command will see, unless a notice
+                // of the batch comes first, whose members are added too. Not
+                // installed here: that happens in command order.
+                Command::Send(SendCommand {
+                    conversation_id,
+                    hint,
+                    ..
+                })
+                | Command::Receipts(ReceiptCommand {
+                    conversation_id,
+                    hint,
+                    ..
+                }) => {
+                    users.extend(hint.members.iter().copied());
+                    if let Some(current) = self.snapshots.get(conversation_id) {
+                        users.extend(current.members.iter().copied());
+                    }
+                }
+                Command::Notice(notice) => {
+                    users.extend(
+                        notice
+                            .snapshot
+                            .members
+                            .iter()
+                            .chain(&notice.removed)
+                            .copied(),
+                    );
+                }
+            }
+        }
+        users.sort_unstable();
+        users.dedup();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let last = self.log.last_seqs(&users).await?;
+        for user_id in users {
+            self.seqs
+                .insert(user_id, last.get(&user_id).copied().unwrap_or(0));
+        }
+        Ok(())
     }
 
     /// Returns the writer's snapshot of a conversation, installing `hint` first
@@ -945,12 +1004,6 @@ impl Writer {
         events: &mut Vec<Arc<LiveEvent>>,
         touched: &mut HashSet<i64>,
     ) -> Result<Vec<EventRow>, StoreError> {
-        if self.log.shared() {
-            // Other processes number events of the same users: what this one
-            // remembers may be stale. `last_seqs` locks the users' heads until
-            // the commit, so the numbers read here stay ours.
-            self.seqs.clear();
-        }
         let unknown: HashSet<i64> = state
             .pending
             .iter()
