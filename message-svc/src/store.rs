@@ -295,8 +295,6 @@ pub(crate) trait MessageStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Vec<ReadState>, StoreError>>;
 }
 
-/// The write side, owned by the one writer task: the steps of one group commit.
-///
 /// What a receipt command reads of the stored messages of its conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ReceiptQuery {
@@ -327,6 +325,8 @@ pub(crate) struct ReceiptFacts {
     pub(crate) unread: u32,
 }
 
+/// The write side, owned by the one writer task: the steps of one group commit.
+///
 /// Every write happens between [`begin`](LogWriter::begin) and
 /// [`commit`](LogWriter::commit); reads through this trait see the writes of the
 /// open transaction. Every method takes the whole batch, so that a commit costs a

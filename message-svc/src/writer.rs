@@ -918,11 +918,14 @@ impl Writer {
                 .map(|m| m.sender_id)
                 .collect();
         }
-        let in_batch = state
-            .new_by_others(conversation_id, new.read_up_to, i64::MAX, user_id)
-            .count();
-        let in_batch = u32::try_from(in_batch).unwrap_or(u32::MAX).min(UNREAD_CAP);
-        let unread_count = counted.then_some(in_batch);
+        // This batch's messages before the command; the stored ones are added
+        // in `complete_receipts`.
+        let unread_count = counted.then(|| {
+            let in_batch = state
+                .new_by_others(conversation_id, new.read_up_to, i64::MAX, user_id)
+                .count();
+            u32::try_from(in_batch).unwrap_or(u32::MAX).min(UNREAD_CAP)
+        });
         if read_moved {
             // Every device of the reader clears its badge.
             read.read_state_at = Some(state.pending.len());
@@ -931,7 +934,8 @@ impl Writer {
                 payload: PendingPayload::ReadState(ReadState {
                     conversation_id,
                     read_up_to: new.read_up_to,
-                    unread_count: in_batch,
+                    // Counted: the read watermark moves only on a command to read.
+                    unread_count: unread_count.unwrap_or_default(),
                 }),
                 origin_device: None,
                 accepted_at: state.accepted_at,
