@@ -431,8 +431,15 @@ impl LogWriter for SqliteLogWriter {
     }
 
     fn begin(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.pending.begin();
-        Box::pin(future::ready(Ok(())))
+        Box::pin(async move {
+            if self.checkpoints.catch_up_due()
+                && let Err(error) = checkpoint::catch_up(self.conn()).await
+            {
+                tracing::warn!(%error, "checkpoint of the message store failed");
+            }
+            self.pending.begin();
+            Ok(())
+        })
     }
 
     fn find_sent_many<'a>(
