@@ -37,10 +37,17 @@ const READ_CONNECTIONS: u32 = 4;
 /// in at most 16 texts each ([`padded_len`]; 10 up to the 512 commands of a
 /// batch), each twice when it may open the transaction (BEGIN in front of it),
 /// plus a few fixed ones: some 60 in practice, since only the first read of a
-/// batch opens it. The deferred writes are never cached ([`Pending::writes`]).
-/// sqlx evicts the least recently used beyond it, so this bounds memory
-/// whatever the texts.
+/// batch opens it; and the commits' texts, padded like the reads up to
+/// [`CACHED_WRITE_ROWS`] ([`Pending::defer_rows`]). sqlx evicts the least
+/// recently used beyond it, so this bounds memory whatever the texts.
 const WRITER_STATEMENT_CACHE: usize = 128;
+
+/// Rows up to which a deferred write is padded, so that its text is one of
+/// few and its statement stays prepared: compiling a batch's multi-row
+/// inserts took 11 % of the SQLite thread under one-to-one load (3–4 µs a
+/// row). Beyond it (large group fan-outs) a write is prepared for its one call:
+/// a prepared statement grows with its rows.
+const CACHED_WRITE_ROWS: usize = 512;
 
 /// Receipt queries per SELECT of [`common::push_receipt_facts`]: two terms
 /// each, and SQLite allows 500 in one compound SELECT.
@@ -138,10 +145,10 @@ struct Pending {
     query: QueryBuilder<Sqlite>,
     /// Statements in `query`.
     statements: usize,
-    /// Whether one of them is a write: the text then changes with every batch,
-    /// and is prepared for its one call instead of taking a place in the
-    /// statement cache.
-    writes: bool,
+    /// Whether one of them is a write whose text is not one of few (not
+    /// padded): the query is then prepared for its one call instead of taking
+    /// a place in the statement cache.
+    uncached: bool,
 }
 
 impl Pending {
@@ -154,20 +161,39 @@ impl Pending {
         self.statements += 1;
     }
 
-    /// Defers the writes `push` appends to the query; it returns how many
-    /// statements it appended.
+    /// Defers the writes `push` appends to the query, whose text is not
+    /// cached; it returns how many statements it appended.
     fn defer(&mut self, push: impl FnOnce(&mut QueryBuilder<Sqlite>) -> usize) {
         let statements = push(&mut self.query);
         self.statements += statements;
-        self.writes |= statements > 0;
+        self.uncached |= statements > 0;
+    }
+
+    /// Defers a write of `rows` as [`push_rows`] builds it: `head` ends with
+    /// `SELECT * FROM (` and `tail` starts with `) WHERE column1 IS NOT NULL`,
+    /// so that the padding rows of NULLs are written nowhere. Up to
+    /// [`CACHED_WRITE_ROWS`] the rows are padded and the text may be cached.
+    fn defer_rows<T>(
+        &mut self,
+        statement: (&str, &str),
+        rows: &[T],
+        columns: usize,
+        push_row: impl FnMut(Separated<'_, Sqlite, &'static str>, &T),
+    ) {
+        debug_assert!(statement.0.ends_with("SELECT * FROM ("));
+        debug_assert!(statement.1.starts_with(") WHERE column1 IS NOT NULL"));
+        let padded = rows.len() <= CACHED_WRITE_ROWS;
+        let statements = push_rows(&mut self.query, statement, rows, columns, padded, push_row);
+        self.statements += statements;
+        self.uncached |= !padded && statements > 0;
     }
 
     /// Returns the pending query, for the caller to append the statements it
-    /// sends with it, and whether its text may be cached (it holds no write).
-    /// Nothing stays pending.
+    /// sends with it, and whether its text may be cached (every write in it is
+    /// padded). Nothing stays pending.
     fn take(&mut self) -> (QueryBuilder<Sqlite>, bool) {
         let pending = std::mem::take(self);
-        (pending.query, !pending.writes)
+        (pending.query, !pending.uncached)
     }
 }
 
@@ -176,7 +202,7 @@ impl std::fmt::Debug for Pending {
         // QueryBuilder is not Debug.
         f.debug_struct("Pending")
             .field("statements", &self.statements)
-            .field("writes", &self.writes)
+            .field("uncached", &self.uncached)
             .finish_non_exhaustive()
     }
 }
@@ -202,8 +228,9 @@ fn full_chunk(columns: usize) -> usize {
 /// so that the reads are prepared once and stay in the statement cache
 /// ([`WRITER_STATEMENT_CACHE`]), instead of preparing (and evicting) a new text
 /// for nearly every batch size; and a read below a full chunk stays one
-/// statement. The price is at most twice the keys. The writes are not padded:
-/// they carry values, and their texts are not cached ([`Pending::writes`]).
+/// statement. The price is at most twice the keys. Writes up to
+/// [`CACHED_WRITE_ROWS`] are padded the same way, their NULL rows filtered out
+/// ([`Pending::defer_rows`]).
 fn padded_len(len: usize, columns: usize) -> usize {
     len.next_power_of_two().min(full_chunk(columns))
 }
@@ -497,11 +524,11 @@ impl LogWriter for SqliteLogWriter {
         // the whole transaction.
         let statement = (
             "INSERT OR FAIL INTO messages (id, conversation_id, sender_id, sender_device, \
-             client_msg_id, sent_at_ms, text, notice) ",
-            "",
+             client_msg_id, sent_at_ms, text, notice) SELECT * FROM (",
+            ") WHERE column1 IS NOT NULL",
         );
-        self.pending.defer(|query| {
-            push_rows(query, statement, messages, 8, false, |mut row, message| {
+        self.pending
+            .defer_rows(statement, messages, 8, |mut row, message| {
                 row.push_bind(message.id)
                     .push_bind(message.conversation_id)
                     .push_bind(message.sender_id)
@@ -510,8 +537,7 @@ impl LogWriter for SqliteLogWriter {
                     .push_bind(message.sent_at_ms)
                     .push_bind(message.text.as_str())
                     .push_bind(notice_to_sql(message));
-            })
-        });
+            });
         Box::pin(future::ready(Ok(())))
     }
 
@@ -521,19 +547,19 @@ impl LogWriter for SqliteLogWriter {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         // OR FAIL (see `insert_messages`).
         let statement = (
-            "INSERT OR FAIL INTO user_events (user_id, seq, kind, message_id, payload) ",
-            "",
+            "INSERT OR FAIL INTO user_events (user_id, seq, kind, message_id, payload) \
+             SELECT * FROM (",
+            ") WHERE column1 IS NOT NULL",
         );
-        self.pending.defer(|query| {
-            push_rows(query, statement, events, 5, false, |mut row, event| {
+        self.pending
+            .defer_rows(statement, events, 5, |mut row, event| {
                 let (kind, payload) = event_to_sql(&event.payload);
                 row.push_bind(event.user_id)
                     .push_bind(seq_to_sql(event.seq))
                     .push_bind(kind)
                     .push_bind(event.message_id)
                     .push_bind(payload);
-            })
-        });
+            });
         Box::pin(future::ready(Ok(())))
     }
 
@@ -598,26 +624,24 @@ impl LogWriter for SqliteLogWriter {
         rows: &'a [(i64, i64, Watermarks)],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let statement = (
-            "INSERT INTO receipts (conversation_id, user_id, delivered_up_to, read_up_to) ",
-            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+            "INSERT INTO receipts (conversation_id, user_id, delivered_up_to, read_up_to) \
+             SELECT * FROM (",
+            ") WHERE column1 IS NOT NULL \
+             ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
              delivered_up_to = excluded.delivered_up_to, \
              read_up_to = excluded.read_up_to",
         );
-        self.pending.defer(|query| {
-            push_rows(
-                query,
-                statement,
-                rows,
-                4,
-                false,
-                |mut row, &(conversation_id, user_id, marks)| {
-                    row.push_bind(conversation_id)
-                        .push_bind(user_id)
-                        .push_bind(marks.delivered_up_to)
-                        .push_bind(marks.read_up_to);
-                },
-            )
-        });
+        self.pending.defer_rows(
+            statement,
+            rows,
+            4,
+            |mut row, &(conversation_id, user_id, marks)| {
+                row.push_bind(conversation_id)
+                    .push_bind(user_id)
+                    .push_bind(marks.delivered_up_to)
+                    .push_bind(marks.read_up_to);
+            },
+        );
         Box::pin(future::ready(Ok(())))
     }
 
@@ -662,24 +686,22 @@ impl LogWriter for SqliteLogWriter {
         drop_receipts: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let statement = (
-            "INSERT INTO former_members (conversation_id, user_id, last_visible_id) ",
-            " ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
+            "INSERT INTO former_members (conversation_id, user_id, last_visible_id) \
+             SELECT * FROM (",
+            ") WHERE column1 IS NOT NULL \
+             ON CONFLICT (conversation_id, user_id) DO UPDATE SET \
              last_visible_id = excluded.last_visible_id",
         );
-        self.pending.defer(|query| {
-            push_rows(
-                query,
-                statement,
-                leaves,
-                3,
-                false,
-                |mut row, &(user_id, last_visible_id)| {
-                    row.push_bind(conversation_id)
-                        .push_bind(user_id)
-                        .push_bind(last_visible_id);
-                },
-            )
-        });
+        self.pending.defer_rows(
+            statement,
+            leaves,
+            3,
+            |mut row, &(user_id, last_visible_id)| {
+                row.push_bind(conversation_id)
+                    .push_bind(user_id)
+                    .push_bind(last_visible_id);
+            },
+        );
         if drop_receipts {
             let user_ids: Vec<i64> = leaves.iter().map(|&(user_id, _)| user_id).collect();
             self.pending

@@ -159,6 +159,32 @@ async fn commit_sends(log: &mut SqliteLogWriter, ids: std::ops::Range<i64>) -> u
     log.round_trips - before
 }
 
+/// A deferred write of up to [`CACHED_WRITE_ROWS`] rows is padded: row counts
+/// with the same padding give the same text, which may be cached; beyond, the
+/// text is the rows' own and is not cached.
+#[test]
+fn writes_padded_up_to_the_cached_rows() {
+    let statement = (
+        "INSERT INTO t (a) SELECT * FROM (",
+        ") WHERE column1 IS NOT NULL",
+    );
+    let text = |rows: usize| {
+        let mut pending = Pending::default();
+        let ids: Vec<i64> = (0..rows as i64).collect();
+        pending.defer_rows(statement, &ids, 1, |mut row, &id| {
+            row.push_bind(id);
+        });
+        let (query, cacheable) = pending.take();
+        (query.sql().as_str().to_owned(), cacheable)
+    };
+    let (five, cacheable) = text(5);
+    assert!(cacheable);
+    assert_eq!(text(7), (five.clone(), true));
+    assert_ne!(text(9).0, five);
+    assert!(text(CACHED_WRITE_ROWS).1);
+    assert!(!text(CACHED_WRITE_ROWS + 1).1);
+}
+
 /// A group commit of sends is two calls on the connection (BEGIN with the
 /// dedup lookup, the writes with the COMMIT) and caches no new statement when
 /// the batch size changes a little; one of receipts is four, however many
