@@ -15,6 +15,7 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+use std::hash::BuildHasher as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,8 +24,27 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection as _;
 
-/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago, chosen at
+/// random below the kernel's ephemeral range. A port of that range, once
+/// released, may become the local port of any outgoing connection (a client
+/// reconnecting to NATS) before the process it was picked for binds it: a
+/// cluster test's gateway once failed to start with "Address already in use".
 pub fn free_port() -> u16 {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000, ephemeral);
+    if high > low {
+        let random = std::hash::RandomState::new();
+        for attempt in 0_u32..1_000 {
+            let draw = random.hash_one(attempt);
+            let port = low + u16::try_from(draw % u64::from(high - low)).unwrap_or(0);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
 }
