@@ -358,6 +358,11 @@ mod tests {
 
     use super::*;
 
+    /// The names of a chart's series, in order.
+    fn series_names(chart: &Chart) -> Vec<&str> {
+        chart.series.iter().map(|s| s.name.as_str()).collect()
+    }
+
     fn one_to_one(at: u64, rate: u64, p50: f64, p99: f64) -> Value {
         json!({
             "scenario": "one-to-one",
@@ -406,7 +411,7 @@ mod tests {
             one_to_one(3, 2_000, 2.0, 8.0),
         ];
         let chart = latency_chart(&runs).unwrap();
-        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        let names = series_names(&chart);
         assert_eq!(
             names,
             [
@@ -424,7 +429,7 @@ mod tests {
         with_receipts["parameters"]["receipts"] = json!(true);
         let runs = [runs[1].clone(), with_receipts];
         let chart = latency_chart(&runs).unwrap();
-        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        let names = series_names(&chart);
         assert_eq!(
             names,
             [
@@ -477,7 +482,7 @@ mod tests {
             connections_over(4, 12_000, 4_096.0, "ws", 2),
         ];
         let chart = memory_chart(&runs).unwrap();
-        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        let names = series_names(&chart);
         assert_eq!(
             names,
             [

@@ -72,7 +72,8 @@ impl Checkpoints {
         tokio::spawn(run(
             conn,
             wake,
-            (catch_up_frames, Arc::clone(&catch_up)),
+            catch_up_frames,
+            Arc::clone(&catch_up),
             done_tx,
         ));
         Self {
@@ -103,7 +104,8 @@ impl Checkpoints {
 async fn run(
     mut conn: SqliteConnection,
     mut wake: mpsc::Receiver<()>,
-    (catch_up_frames, catch_up): (i64, Arc<AtomicBool>),
+    catch_up_frames: i64,
+    catch_up: Arc<AtomicBool>,
     done: watch::Sender<u64>,
 ) {
     while wake.recv().await.is_some() {
@@ -151,10 +153,7 @@ async fn checkpoint(conn: &mut SqliteConnection, restart_frames: i64) -> Result<
 /// Fails when the checkpoint fails; nothing is lost, the WAL only stays longer.
 pub(super) async fn catch_up(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     metrics::counter!("confab_message_wal_catch_ups_total").increment(1);
-    sqlx::raw_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        .execute(conn)
-        .await?;
-    Ok(())
+    checkpoint(conn, i64::MAX).await.map(drop)
 }
 
 #[cfg(test)]
