@@ -84,9 +84,17 @@ pub(crate) enum Inbound {
 }
 
 /// Where the engine writes frames; each transport encodes its own way.
+///
+/// A sent frame may wait in the transport's buffer until [`FrameSink::flush`]:
+/// the engine flushes when it has nothing else ready, so frames that are ready
+/// together (a send's acknowledgement and its own event, a burst of live
+/// events, a catch-up page) leave in one write to the socket. A transport may
+/// write earlier (a full buffer), and it flushes its last word itself.
 pub(crate) trait FrameSink: Send {
-    /// Writes one frame; fails once the peer is gone.
+    /// Queues one frame; fails once the peer is gone.
     fn send(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Writes what [`FrameSink::send`] queued.
+    fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
     /// Asks the peer for a sign of life (after [`Inbound::Quiet`]).
     fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
 }
@@ -315,6 +323,9 @@ impl Session {
         let mut live_events = registration.events.stream();
         let expiry = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(expiry);
+        // Frames were queued since the last flush (the welcome and catch-up
+        // before the first turn).
+        let mut unflushed = true;
         loop {
             tokio::select! {
                 biased;
@@ -337,6 +348,7 @@ impl Session {
                     return End::Refused;
                 }
                 () = registration.resync.notified() => {
+                    unflushed = true;
                     metrics::counter!("confab_gateway_gap_fills_total", "cause" => "resync").increment(1);
                     last_sent = match Box::pin(self.catch_up(Start::LastSent(last_sent), sink)).await {
                         Ok(last) => last,
@@ -375,6 +387,7 @@ impl Session {
                     if sink.send(frame(0, event)).await.is_err() {
                         return End::SinkClosed;
                     }
+                    unflushed = true;
                 }
                 replies = async { answering.as_mut().expect("guarded by is_some").await },
                     if answering.is_some() =>
@@ -385,6 +398,7 @@ impl Session {
                             return End::SinkClosed;
                         }
                     }
+                    unflushed = true;
                 }
                 incoming = inbound.next(), if answering.is_none() => {
                     match incoming {
@@ -402,9 +416,18 @@ impl Session {
                             if sink.send(reply).await.is_err() {
                                 return End::SinkClosed;
                             }
+                            unflushed = true;
                         }
                         Some(Inbound::Frame(client)) => answering = Some(Box::pin(self.handle(client))),
                     }
+                }
+                // Last: reached only when nothing above is ready, so that what
+                // is ready together leaves together.
+                flushed = sink.flush(), if unflushed => {
+                    if flushed.is_err() {
+                        return End::SinkClosed;
+                    }
+                    unflushed = false;
                 }
             }
         }
@@ -869,6 +892,10 @@ mod tests {
 
     impl FrameSink for NoSink {
         async fn send(&mut self, _frame: ServerFrame) -> Result<(), ()> {
+            Ok(())
+        }
+
+        async fn flush(&mut self) -> Result<(), ()> {
             Ok(())
         }
 

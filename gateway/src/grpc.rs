@@ -158,6 +158,11 @@ impl FrameSink for GrpcSink {
         Either::Right(queued.map(|sent| sent.map_err(|_| ())))
     }
 
+    /// The queue is the response stream's: HTTP/2 writes what it holds.
+    fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// HTTP/2 keeps its own pings; the inbound stream never reports quiet.
     fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
         std::future::ready(Ok(()))

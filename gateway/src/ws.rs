@@ -42,7 +42,8 @@ use crate::limits::Refusal;
 /// buffer to its size (and the buffer stays that size).
 const READ_BUFFER: usize = 512;
 /// Bytes buffered before a write is forced. A threshold, not an allocation:
-/// every frame is flushed as it is sent, so the buffer holds one frame.
+/// the engine flushes whenever it has nothing else ready, so the buffer holds
+/// the frames that were ready together.
 const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Upgrades to a WebSocket after checking a token given at the upgrade.
@@ -302,7 +303,11 @@ impl FrameSink for WsSink {
         } else {
             Message::Binary(frame.encode_to_vec().into())
         };
-        self.sink.send(message).map(|sent| sent.map_err(|_| ()))
+        self.sink.feed(message).map(|fed| fed.map_err(|_| ()))
+    }
+
+    fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
+        self.sink.flush().map(|flushed| flushed.map_err(|_| ()))
     }
 
     fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {

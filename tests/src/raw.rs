@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
 use crate::WAIT;
 
@@ -127,6 +129,23 @@ impl RawClient {
         Ok((header[3], header[4], payload))
     }
 
+    /// Returns what one read of the socket gives (up to 64 KiB): the bytes the
+    /// server wrote together arrive together on loopback.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the connection ends or nothing comes within [`WAIT`].
+    pub async fn read_once(&mut self) -> Result<Vec<u8>> {
+        let mut chunk = vec![0_u8; 64 * 1024];
+        let read = tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await;
+        let n = read.context("nothing to read")?.context("reading")?;
+        if n == 0 {
+            bail!("the connection ended");
+        }
+        chunk.truncate(n);
+        Ok(chunk)
+    }
+
     /// Reads an HTTP/1.1 response head (up to the empty line) and returns it.
     ///
     /// # Errors
@@ -158,4 +177,50 @@ pub fn ws_upgrade_request(addr: SocketAddr, extra: &str, finished: bool) -> Stri
         "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}{end}"
     )
+}
+
+/// Returns a client's WebSocket binary message of `payload` in one frame,
+/// masked as RFC 6455 asks of clients.
+///
+/// # Panics
+///
+/// Never: the frame is written to memory.
+#[must_use]
+pub fn ws_client_binary(payload: &[u8]) -> Vec<u8> {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Binary),
+        mask: Some([0x37, 0xfa, 0x21, 0x3d]),
+        ..FrameHeader::default()
+    };
+    let mut bytes = Vec::new();
+    Frame::from_payload(header, payload.to_vec().into())
+        .format(&mut bytes)
+        .expect("writing to a vector");
+    bytes
+}
+
+/// Splits `bytes` read from a server into its WebSocket frames' payloads.
+///
+/// # Errors
+///
+/// Fails when the bytes end inside a frame or hold something else.
+pub fn ws_server_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let mut payloads = Vec::new();
+    while usize::try_from(cursor.position())? < bytes.len() {
+        let Some((header, length)) = FrameHeader::parse(&mut cursor)? else {
+            bail!("the bytes end inside a frame header");
+        };
+        if header.mask.is_some() {
+            bail!("a server frame is masked");
+        }
+        let start = usize::try_from(cursor.position())?;
+        let end = start + usize::try_from(length)?;
+        let Some(payload) = bytes.get(start..end) else {
+            bail!("the bytes end inside a frame of {length} bytes");
+        };
+        payloads.push(payload.to_vec());
+        cursor.set_position(u64::try_from(end)?);
+    }
+    Ok(payloads)
 }

@@ -1,5 +1,9 @@
 //! Live messaging over gRPC and WebSocket: delivery, dedup, reconnects, membership.
 
+use anyhow::bail;
+use confab_proto::v1::{Hello, ServerFrame};
+use confab_tests::raw::{RawClient, ws_client_binary, ws_server_frames, ws_upgrade_request};
+
 use super::*;
 
 /// A WebSocket user and a gRPC user talk both ways live, and every device of the
@@ -78,6 +82,62 @@ async fn websocket_json_text_frames() -> Result<()> {
     let ack = bob_ws.send(conversation, "json-2", "back at you").await?;
     assert_is(&alice_ws.next_message().await?.1, &ack, &bob, "back at you");
     alice_ws.ping(42).await?;
+    Ok(())
+}
+
+/// Frames that are ready together leave in one write: a reconnecting device's
+/// welcome, its catch-up and the synced frame reach the socket at once, not a
+/// write (a TCP segment, a wake-up of the client) each.
+#[tokio::test]
+async fn catch_up_leaves_in_one_write() -> Result<()> {
+    let (server, [alice, bob]) = Server::start_with_users(["alice", "bob"]).await?;
+    let conversation = server.open_direct(&alice, &bob).await?;
+    let (mut alice_phone, _) = server
+        .ws_synced(&alice, Encoding::Binary, "alice-phone", 0)
+        .await?;
+    for i in 0..20 {
+        alice_phone
+            .send(conversation, &format!("a-{i}"), "hi")
+            .await?;
+    }
+
+    let mut bob_phone = RawClient::connect(server.addr()).await?;
+    let token = format!("Authorization: Bearer {}\r\n", bob.access_token);
+    let upgrade = ws_upgrade_request(server.addr(), &token, true);
+    bob_phone.send(upgrade.as_bytes()).await?;
+    let head = bob_phone.read_head().await?;
+    ensure!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
+    let hello = ClientFrame {
+        r#ref: 1,
+        kind: Some(client_frame::Kind::Hello(Hello {
+            token: String::new(),
+            device_id: "bob-phone".into(),
+            cursor: 0,
+        })),
+    };
+    bob_phone
+        .send(&ws_client_binary(&hello.encode_to_vec()))
+        .await?;
+
+    let frames = ws_server_frames(&bob_phone.read_once().await?)?
+        .into_iter()
+        .map(|payload| ServerFrame::decode(payload.as_slice()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kinds: Vec<_> = frames.into_iter().filter_map(|frame| frame.kind).collect();
+    let Some((server_frame::Kind::Welcome(_), rest)) = kinds.split_first() else {
+        bail!("the first frame is not the welcome: {kinds:?}");
+    };
+    let Some((server_frame::Kind::Synced(synced), events)) = rest.split_last() else {
+        bail!("the read ends before the synced frame: {kinds:?}");
+    };
+    assert!(synced.seq >= 20, "{synced:?}");
+    assert_eq!(events.len(), usize::try_from(synced.seq)?, "{kinds:?}");
+    assert!(
+        events
+            .iter()
+            .all(|kind| matches!(kind, server_frame::Kind::Event(_))),
+        "{kinds:?}"
+    );
     Ok(())
 }
 
