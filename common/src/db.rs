@@ -76,3 +76,43 @@ pub fn embedded_migrator(
     migrator.dangerous_set_table_name(table);
     migrator
 }
+
+#[cfg(test)]
+mod tests {
+    /// A statement whose LIMIT is a bound parameter keeps its plan across
+    /// bindings. The bundled SQLite is built with the query planner stability
+    /// guarantee (`.cargo/config.toml`); without it SQLite 3.51 re-prepares
+    /// such a statement at its first step after every new binding (the catch-up
+    /// page, the history page). `sqlite_stmt` (also enabled there) counts the
+    /// re-preparations.
+    #[tokio::test]
+    async fn bound_limits_do_not_reprepare() {
+        let pool = super::open_sqlite_memory().await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES (1), (2), (3), (4), (5), (6)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        for (after, limit) in [(0, 1), (1, 2), (2, 3)] {
+            let page: Vec<i64> =
+                sqlx::query_scalar("SELECT k FROM t WHERE k > $1 ORDER BY k LIMIT $2")
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap();
+            assert_eq!(page.len(), usize::try_from(limit).unwrap());
+        }
+        let (runs, repreparations): (i64, i64) = sqlx::query_as(
+            "SELECT run, reprep FROM sqlite_stmt WHERE sql LIKE 'SELECT k FROM t %'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!((runs, repreparations), (3, 0));
+    }
+}
