@@ -92,8 +92,13 @@ struct Figures {
     transport: Transport,
     workers: usize,
     connections: usize,
-    /// Connections over the time from "open" to the last worker's report.
+    /// Connections over the time from "open" to the last worker's report:
+    /// each one the first of its user (an external token's user is created by
+    /// it).
     connect_per_s: f64,
+    /// Connections opened per second when every one of them closed and opened
+    /// again, as the same users (a reconnect storm of known users).
+    reconnect_per_s: f64,
     /// Distinct loopback source addresses the connections bound (0: none bound,
     /// the server is not on a 127.x address).
     source_addresses: usize,
@@ -399,6 +404,17 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     };
     let rss_after = args.server_pid.and_then(rss_kib);
     let tcp_after = tcp_mem_pages();
+
+    eprintln!("closing and reopening {} connections", args.connections);
+    let progress = crate::progress(args.connections as u64);
+    let started = Instant::now();
+    for worker in &mut workers {
+        worker.order("reopen").await?;
+    }
+    futures::future::try_join_all(workers.iter_mut().map(|worker| worker.opened(&progress)))
+        .await?;
+    let reconnect_per_s = args.connections as f64 / started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
     let alive = futures::future::try_join_all(workers.iter_mut().map(Worker::stop)).await?;
     for (worker, alive) in workers.iter().zip(&alive) {
         anyhow::ensure!(
@@ -416,6 +432,7 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         workers: args.workers,
         connections: args.connections,
         connect_per_s,
+        reconnect_per_s,
         source_addresses,
         server_rss_kib_before: rss_before,
         server_rss_kib_after: rss_after,
@@ -431,12 +448,13 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         bench_rss_kib,
     };
     println!(
-        "connections ({}, {} worker(s), {} source addresses): {} opened at {:.0}/s; server {} B/conn (RSS {:?} -> {:?} KiB), idle CPU {:?} %; kernel TCP {} B/conn",
+        "connections ({}, {} worker(s), {} source addresses): {} opened at {:.0}/s (new users), reopened at {:.0}/s; server {} B/conn (RSS {:?} -> {:?} KiB), idle CPU {:?} %; kernel TCP {} B/conn",
         figures.transport.name(),
         figures.workers,
         figures.source_addresses,
         figures.connections,
         figures.connect_per_s,
+        figures.reconnect_per_s,
         show(figures.server_bytes_per_connection),
         figures.server_rss_kib_before,
         figures.server_rss_kib_after,

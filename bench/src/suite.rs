@@ -280,8 +280,9 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
                 p["heartbeat"]
             ),
             format!(
-                "{} connects/s; server {} B/conn, kernel TCP {} B/conn; idle CPU {} %",
+                "{} connects/s of new users, {} of known; server {} B/conn, kernel TCP {} B/conn; idle CPU {} %",
                 whole(&f["connect_per_s"]),
+                whole(&f["reconnect_per_s"]),
                 whole(&f["server_bytes_per_connection"]),
                 whole(&f["kernel_bytes_per_connection"]),
                 f["server_idle_cpu_percent"]
@@ -383,7 +384,7 @@ mod tests {
             "scenario": "connections",
             "finished_at_ms": at,
             "parameters": { "connections": n, "heartbeat": 5 },
-            "figures": { "connections": n, "connect_per_s": 900.0, "server_bytes_per_connection": bytes, "kernel_bytes_per_connection": null, "server_idle_cpu_percent": 1.5 },
+            "figures": { "connections": n, "connect_per_s": 900.0, "reconnect_per_s": 2000.0, "server_bytes_per_connection": bytes, "kernel_bytes_per_connection": null, "server_idle_cpu_percent": 1.5 },
         })
     }
 

@@ -266,10 +266,9 @@ async fn connections(transport: &str, workers: usize, n: usize) -> Result<serde_
     assert_eq!(figures["connections"], n, "{result}");
     assert_eq!(figures["transport"], transport, "{result}");
     assert_eq!(figures["workers"], workers, "{result}");
-    assert!(
-        figures["connect_per_s"].as_f64().unwrap_or(0.0) > 0.0,
-        "{result}"
-    );
+    for rate in ["connect_per_s", "reconnect_per_s"] {
+        assert!(figures[rate].as_f64().unwrap_or(0.0) > 0.0, "{result}");
+    }
     assert!(
         figures["server_rss_kib_after"].as_u64().is_some(),
         "{result}"

@@ -1,8 +1,8 @@
 //! One worker process of the connections scenario (the hidden subcommand
 //! [`SUBCOMMAND`]): opens its share of the connections when the parent says
-//! `go` on stdin, holds them with heartbeats, and answers `stop` (or the end of
-//! stdin) with how many it still holds. It reports on stdout, one
-//! [`Report`] line each.
+//! `go` on stdin, holds them with heartbeats, closes and opens them again as
+//! the same users on `reopen`, and answers `stop` (or the end of stdin) with
+//! how many it still holds. It reports on stdout, one [`Report`] line each.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -213,26 +213,9 @@ fn report(report: Report) {
     println!("{}", report.line());
 }
 
-/// Runs one worker: see the module's documentation.
-pub(crate) async fn run(servers: &Servers, args: WorkerArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.worker < MAX_WORKERS && args.connections <= MAX_PER_WORKER,
-        "worker {} asked for {} connections: at most {MAX_PER_WORKER} each, {MAX_WORKERS} workers",
-        args.worker,
-        args.connections
-    );
-    servers.check(args.transport)?;
-    let mut targets = Vec::with_capacity(servers.urls().len());
-    for url in servers.urls() {
-        targets.push(Target::resolve(url).await?);
-    }
-    let mut orders = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    report(Report::Ready);
-    match orders.next_line().await? {
-        Some(order) if order.trim() == "go" => {}
-        other => anyhow::bail!("worker {}: expected go, got {other:?}", args.worker),
-    }
-
+/// Opens this worker's share (the users of the run, the same each time),
+/// reporting progress, and returns the held connections' tasks.
+async fn open_all(args: &WorkerArgs, targets: &[Target]) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let every = Duration::from_secs(args.heartbeat.max(1));
     let worker = args.worker;
     let transport = args.transport;
@@ -274,11 +257,45 @@ pub(crate) async fn run(servers: &Servers, args: WorkerArgs) -> anyhow::Result<(
         connections: held.len(),
         source_addresses: sources.len(),
     });
+    Ok(held)
+}
 
-    // Hold until the parent says stop (or goes away).
+/// Runs one worker: see the module's documentation.
+pub(crate) async fn run(servers: &Servers, args: WorkerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.worker < MAX_WORKERS && args.connections <= MAX_PER_WORKER,
+        "worker {} asked for {} connections: at most {MAX_PER_WORKER} each, {MAX_WORKERS} workers",
+        args.worker,
+        args.connections
+    );
+    servers.check(args.transport)?;
+    let mut targets = Vec::with_capacity(servers.urls().len());
+    for url in servers.urls() {
+        targets.push(Target::resolve(url).await?);
+    }
+    let mut orders = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    report(Report::Ready);
+    match orders.next_line().await? {
+        Some(order) if order.trim() == "go" => {}
+        other => anyhow::bail!("worker {}: expected go, got {other:?}", args.worker),
+    }
+
+    let mut held = open_all(&args, &targets).await?;
+
+    // Hold until the parent says stop (or goes away); reopen when told.
     loop {
         match orders.next_line().await? {
             Some(order) if order.trim() == "stop" => break,
+            Some(order) if order.trim() == "reopen" => {
+                for connection in &held {
+                    connection.abort();
+                }
+                // Each socket is closed once its task has ended.
+                for connection in held {
+                    let _ = connection.await;
+                }
+                held = open_all(&args, &targets).await?;
+            }
             Some(_) => {}
             None => break,
         }
