@@ -48,9 +48,7 @@ pub(super) use select_messages;
 
 // After the macros above, which its statements use.
 mod statements;
-pub(super) use statements::{
-    Shared, push_receipt_facts, receipt_facts_from_rows, shared_reads, shared_writes,
-};
+pub(super) use statements::{Shared, receipt_facts_from_rows, shared_reads, shared_writes};
 
 /// `user_events.kind` of each event kind (schema.sql,
 /// postgres/migrations/0001_init.sql).

@@ -49,10 +49,6 @@ const WRITER_STATEMENT_CACHE: usize = 128;
 /// a prepared statement grows with its rows.
 const CACHED_WRITE_ROWS: usize = 512;
 
-/// Receipt queries per SELECT of [`common::push_receipt_facts`]: two terms
-/// each, and SQLite allows 500 in one compound SELECT.
-const RECEIPT_QUERIES_PER_STATEMENT: usize = 200;
-
 /// Opens the database at `path`, creating the schema if needed, and returns the
 /// read side and the write side.
 ///
@@ -291,6 +287,81 @@ fn push_find_sent(query: &mut QueryBuilder<Sqlite>, keys: &[(i64, &str)]) -> usi
             row.push_bind(sender_id).push_bind(client_msg_id);
         },
     )
+}
+
+/// Appends the receipt reads of `queries` to `query`, padded like the keyed
+/// reads so that their texts stay prepared: one statement for the senders
+/// asked for (the queries as a constant table joined to the history index: a
+/// range seek each, one DISTINCT for all) and one for the unread counts asked
+/// for (a correlated count each, of at most `cap` index entries); a part that
+/// nobody asks for is left out. The rows are those
+/// [`common::receipt_facts_from_rows`] reads, the queries numbered in order.
+/// Returns the number of statements appended.
+///
+/// Written as a compound SELECT of a term per query (the Postgres form), the
+/// statement's text changed with every batch, so it was compiled for each
+/// one, and each term's DISTINCT opened a temporary B-tree of its own.
+fn push_receipt_facts(
+    query: &mut QueryBuilder<Sqlite>,
+    queries: &[ReceiptQuery],
+    cap: u32,
+) -> usize {
+    let numbered = || {
+        queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (i64::try_from(i).unwrap_or(i64::MAX), q))
+    };
+    let senders: Vec<_> = numbered()
+        .filter_map(|(number, q)| q.senders.map(|range| (number, q, range)))
+        .collect();
+    let counts: Vec<_> = numbered()
+        .filter_map(|(number, q)| q.unread_after.map(|after| (number, q, after)))
+        .collect();
+    let mut statements = 0;
+    if !senders.is_empty() {
+        let statement = (
+            "SELECT DISTINCT q.column1, 0, m.sender_id FROM (",
+            ") AS q JOIN messages m ON m.conversation_id = q.column2 \
+             AND m.id > q.column3 AND m.id <= q.column4 \
+             AND m.sender_id <> q.column5 AND m.notice IS NULL",
+        );
+        statements += push_rows(
+            query,
+            statement,
+            &senders,
+            5,
+            true,
+            |mut row, &(number, q, (after, up_to))| {
+                row.push_bind(number)
+                    .push_bind(q.conversation_id)
+                    .push_bind(after)
+                    .push_bind(up_to)
+                    .push_bind(q.user_id);
+            },
+        );
+    }
+    if !counts.is_empty() {
+        let head = format!(
+            "SELECT q.column1, 1, (SELECT COUNT(*) FROM (SELECT 1 FROM messages m \
+             WHERE m.conversation_id = q.column2 AND m.id > q.column3 \
+             AND m.sender_id <> q.column4 AND m.notice IS NULL LIMIT {cap})) FROM ("
+        );
+        statements += push_rows(
+            query,
+            (&head, ") AS q WHERE q.column1 IS NOT NULL"),
+            &counts,
+            4,
+            true,
+            |mut row, &(number, q, after)| {
+                row.push_bind(number)
+                    .push_bind(q.conversation_id)
+                    .push_bind(after)
+                    .push_bind(q.user_id);
+            },
+        );
+    }
+    statements
 }
 
 /// Appends to `query` the deletion of the rows of `user_ids` in one
@@ -655,24 +726,12 @@ impl LogWriter for SqliteLogWriter {
                 return Ok(vec![ReceiptFacts::default(); queries.len()]);
             }
             // In front of it whatever is pending (BEGIN, in a batch whose only
-            // reads are these); SQLite allows at most 500 terms in one compound
-            // SELECT, so at most 200 queries (400 terms) go in each statement.
-            let (mut query, _) = self.pending.take();
-            for (i, chunk) in queries.chunks(RECEIPT_QUERIES_PER_STATEMENT).enumerate() {
-                if !chunk.iter().any(ReceiptQuery::asks) {
-                    continue;
-                }
-                common::push_receipt_facts(
-                    &mut query,
-                    chunk,
-                    i * RECEIPT_QUERIES_PER_STATEMENT,
-                    cap,
-                );
-                query.push("; ");
-            }
+            // reads are these).
+            let (mut query, cacheable) = self.pending.take();
+            let statements = push_receipt_facts(&mut query, queries, cap);
             let rows: Vec<(i64, i64, i64)> = query
                 .build_query_as()
-                .persistent(false)
+                .persistent(cacheable && statements == 1)
                 .fetch_all(self.conn())
                 .await?;
             Ok(common::receipt_facts_from_rows(queries.len(), rows, cap))

@@ -254,7 +254,7 @@ where
             return Ok(vec![ReceiptFacts::default(); queries.len()]);
         }
         let mut query = QueryBuilder::new("");
-        push_receipt_facts(&mut query, queries, 0, cap);
+        push_receipt_facts(&mut query, queries, cap);
         let rows: Vec<(i64, i64, i64)> = query.build_query_as().fetch_all(executor).await?;
         Ok(receipt_facts_from_rows(queries.len(), rows, cap))
     }
@@ -277,17 +277,13 @@ fn count_from_sql(count: i64, cap: u32) -> u32 {
     u32::try_from(count).unwrap_or(cap)
 }
 
-/// Appends to `query` one SELECT answering `queries`, numbered from `first`:
+/// Appends to `query` one SELECT answering `queries`, numbered from 0:
 /// rows `(query number, 0, sender id)` for the senders asked for and one row
 /// `(query number, 1, unread count)` for each count asked for; a UNION ALL of
 /// at most two terms per query. Queries that ask for nothing add no term; at
 /// least one must ask for something.
-pub(crate) fn push_receipt_facts<DB>(
-    query: &mut QueryBuilder<DB>,
-    queries: &[ReceiptQuery],
-    first: usize,
-    cap: u32,
-) where
+fn push_receipt_facts<DB>(query: &mut QueryBuilder<DB>, queries: &[ReceiptQuery], cap: u32)
+where
     DB: Database,
     i64: SqlValue<DB>,
 {
@@ -299,7 +295,7 @@ pub(crate) fn push_receipt_facts<DB>(
         terms += 1;
     };
     for (i, q) in queries.iter().enumerate() {
-        let number = i64::try_from(first + i).unwrap_or(i64::MAX);
+        let number = i64::try_from(i).unwrap_or(i64::MAX);
         if let Some((after, up_to)) = q.senders {
             union(query);
             query

@@ -253,6 +253,16 @@ async fn the_checkpointer_copies_the_wal_not_the_commits() {
     finish(dir).await;
 }
 
+/// Asserts that the plan of `explain` (an `EXPLAIN QUERY PLAN` of one
+/// statement) seeks `index` of the messages, aliased `m`.
+async fn assert_seeks(conn: &mut SqliteConnection, mut explain: QueryBuilder<Sqlite>, index: &str) {
+    let plan: Vec<(i64, i64, i64, String)> =
+        explain.build_query_as().fetch_all(conn).await.unwrap();
+    let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+    let seek = format!("SEARCH m USING INDEX {index}");
+    assert!(details.iter().any(|d| d.starts_with(&seek)), "{details:?}");
+}
+
 /// The dedup lookup, padded or not, seeks the unique index once per key.
 #[tokio::test]
 async fn dedup_lookup_uses_the_unique_index() {
@@ -260,19 +270,49 @@ async fn dedup_lookup_uses_the_unique_index() {
     for keys in [&[(1, "a")][..], &[(1, "a"), (2, "b"), (3, "c")]] {
         let mut query = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
         assert_eq!(push_find_sent(&mut query, keys), 1);
-        let plan: Vec<(i64, i64, i64, String)> = query
-            .build_query_as()
-            .fetch_all(&mut log.conn)
-            .await
-            .unwrap();
-        let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
-        assert!(
-            details
-                .iter()
-                .any(|d| d.starts_with("SEARCH m USING INDEX messages_sender_client_msg_id")),
-            "{details:?}"
-        );
+        assert_seeks(&mut log.conn, query, "messages_sender_client_msg_id").await;
     }
+    Box::new(log).close().await.unwrap();
+    finish(dir).await;
+}
+
+/// The receipt reads are one statement per part, each seeking the history
+/// index once per query (a range for the senders, a capped count), and their
+/// texts are padded: 3 and 4 queries read with the same text.
+#[tokio::test]
+async fn receipt_reads_seek_the_history_index() {
+    let (_store, mut log, dir) = open_writer().await;
+    let query = |conversation_id| ReceiptQuery {
+        conversation_id,
+        user_id: 1,
+        senders: Some((0, 100)),
+        unread_after: Some(0),
+    };
+    let mut texts = Vec::new();
+    for queries in [
+        vec![query(1)],
+        vec![query(1), query(2), query(3)],
+        vec![query(4); 4],
+    ] {
+        for (senders, counts) in [(true, false), (false, true)] {
+            let queries: Vec<_> = queries
+                .iter()
+                .map(|q| ReceiptQuery {
+                    senders: q.senders.filter(|_| senders),
+                    unread_after: q.unread_after.filter(|_| counts),
+                    ..*q
+                })
+                .collect();
+            let mut explain = QueryBuilder::<Sqlite>::new("EXPLAIN QUERY PLAN ");
+            assert_eq!(push_receipt_facts(&mut explain, &queries, 10), 1);
+            texts.push(explain.sql().to_owned());
+            assert_seeks(&mut log.conn, explain, "messages_conversation_id").await;
+        }
+    }
+    // One query, then 3 and 4 padded alike: per part, two texts.
+    assert_eq!(texts[2], texts[4]);
+    assert_eq!(texts[3], texts[5]);
+    assert_ne!(texts[0], texts[2]);
     Box::new(log).close().await.unwrap();
     finish(dir).await;
 }
