@@ -93,6 +93,8 @@ pub(crate) enum Inbound {
 pub(crate) trait FrameSink: Send {
     /// Queues one frame; fails once the peer is gone.
     fn send(&mut self, frame: ServerFrame) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Returns whether frames were queued since the last completed flush.
+    fn queued(&self) -> bool;
     /// Writes what [`FrameSink::send`] queued.
     fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
     /// Asks the peer for a sign of life (after [`Inbound::Quiet`]).
@@ -323,9 +325,6 @@ impl Session {
         let mut live_events = registration.events.stream();
         let expiry = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(expiry);
-        // Frames were queued since the last flush (the welcome and catch-up
-        // before the first turn).
-        let mut unflushed = true;
         loop {
             tokio::select! {
                 biased;
@@ -348,7 +347,6 @@ impl Session {
                     return End::Refused;
                 }
                 () = registration.resync.notified() => {
-                    unflushed = true;
                     metrics::counter!("confab_gateway_gap_fills_total", "cause" => "resync").increment(1);
                     last_sent = match Box::pin(self.catch_up(Start::LastSent(last_sent), sink)).await {
                         Ok(last) => last,
@@ -387,7 +385,6 @@ impl Session {
                     if sink.send(frame(0, event)).await.is_err() {
                         return End::SinkClosed;
                     }
-                    unflushed = true;
                 }
                 replies = async { answering.as_mut().expect("guarded by is_some").await },
                     if answering.is_some() =>
@@ -398,7 +395,6 @@ impl Session {
                             return End::SinkClosed;
                         }
                     }
-                    unflushed = true;
                 }
                 incoming = inbound.next(), if answering.is_none() => {
                     match incoming {
@@ -416,18 +412,16 @@ impl Session {
                             if sink.send(reply).await.is_err() {
                                 return End::SinkClosed;
                             }
-                            unflushed = true;
                         }
                         Some(Inbound::Frame(client)) => answering = Some(Box::pin(self.handle(client))),
                     }
                 }
                 // Last: reached only when nothing above is ready, so that what
                 // is ready together leaves together.
-                flushed = sink.flush(), if unflushed => {
+                flushed = sink.flush(), if sink.queued() => {
                     if flushed.is_err() {
                         return End::SinkClosed;
                     }
-                    unflushed = false;
                 }
             }
         }
@@ -893,6 +887,10 @@ mod tests {
     impl FrameSink for NoSink {
         async fn send(&mut self, _frame: ServerFrame) -> Result<(), ()> {
             Ok(())
+        }
+
+        fn queued(&self) -> bool {
+            false
         }
 
         async fn flush(&mut self) -> Result<(), ()> {

@@ -159,6 +159,10 @@ impl FrameSink for GrpcSink {
     }
 
     /// The queue is the response stream's: HTTP/2 writes what it holds.
+    fn queued(&self) -> bool {
+        false
+    }
+
     fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
         std::future::ready(Ok(()))
     }

@@ -149,7 +149,11 @@ fn connection(
             })
             .boxed()
     };
-    let sink = WsSink { sink, text };
+    let sink = WsSink {
+        sink,
+        text,
+        queued: false,
+    };
     engine::run(
         state.gateway,
         state.limits,
@@ -292,6 +296,8 @@ fn caused_by(error: &axum::Error, prefix: &str) -> bool {
 struct WsSink {
     sink: SplitSink<WebSocket, Message>,
     text: Arc<AtomicBool>,
+    /// Frames were fed since the last completed flush.
+    queued: bool,
 }
 
 impl FrameSink for WsSink {
@@ -303,16 +309,36 @@ impl FrameSink for WsSink {
         } else {
             Message::Binary(frame.encode_to_vec().into())
         };
+        self.queued = true;
         self.sink.feed(message).map(|fed| fed.map_err(|_| ()))
     }
 
-    fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
-        self.sink.flush().map(|flushed| flushed.map_err(|_| ()))
+    fn queued(&self) -> bool {
+        self.queued
     }
 
+    /// Clears [`WsSink::queued`] once the flush completed: a flush dropped
+    /// half way (the engine had something else to do) leaves it set.
+    fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
+        let queued = &mut self.queued;
+        self.sink.flush().map(move |flushed| {
+            if flushed.is_ok() {
+                *queued = false;
+            }
+            flushed.map_err(|_| ())
+        })
+    }
+
+    /// A ping is sent and flushed with whatever was queued.
     fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
         let ping = Message::Ping(bytes::Bytes::new());
-        self.sink.send(ping).map(|sent| sent.map_err(|_| ()))
+        let queued = &mut self.queued;
+        self.sink.send(ping).map(move |sent| {
+            if sent.is_ok() {
+                *queued = false;
+            }
+            sent.map_err(|_| ())
+        })
     }
 }
 
