@@ -33,13 +33,14 @@ const SCHEMA: &str = include_str!("schema.sql");
 /// connections serve many concurrent calls.
 const READ_CONNECTIONS: u32 = 4;
 
-/// Prepared statements kept on the writer's connection: its four keyed reads
-/// in at most 16 texts each ([`padded_len`]; 10 up to the 512 commands of a
-/// batch), each twice when it may open the transaction (BEGIN in front of it),
-/// plus a few fixed ones: some 60 in practice, since only the first read of a
-/// batch opens it; and the commits' texts, padded like the reads up to
-/// [`CACHED_WRITE_ROWS`] ([`Pending::defer_rows`]). sqlx evicts the least
-/// recently used beyond it, so this bounds memory whatever the texts.
+/// Prepared statements kept on the writer's connection: its keyed reads (the
+/// dedup lookup, heads, watermarks, newest ids, a receipt's senders or
+/// counts) in at most 16 texts each ([`padded_len`]; 10 up to the 512
+/// commands of a batch), each twice when it may open the transaction (BEGIN in
+/// front of it), plus a few fixed ones: fewer in practice, since only the
+/// first read of a batch opens it; and the commits' texts, padded like the
+/// reads up to [`CACHED_WRITE_ROWS`] ([`Pending::defer_rows`]). sqlx evicts the
+/// least recently used beyond it, so this bounds memory whatever the texts.
 const WRITER_STATEMENT_CACHE: usize = 128;
 
 /// Rows up to which a deferred write is padded, so that its text is one of
