@@ -2,10 +2,11 @@
 
 use std::num::NonZero;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use argon2::password_hash::{self, PasswordHasher, PasswordVerifier};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+use argon2::password_hash::{self, CustomizedPasswordHasher, PasswordHasher, PasswordVerifier};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use confab_common::now_ms;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -50,6 +51,8 @@ pub(crate) struct Passwords {
     /// than exhaust memory and blocking threads. A permit moves into the blocking
     /// task, so a cancelled request frees it only when its hash is done.
     permits: Arc<Semaphore>,
+    /// Working memory of finished hashes, for the next ones.
+    memory: Arc<Memory>,
 }
 
 impl Passwords {
@@ -61,6 +64,7 @@ impl Passwords {
     pub(crate) async fn new(params: Params) -> Result<Self, GroupError> {
         let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
         let mut passwords = Self {
+            memory: Arc::new(Memory::new(params.block_count())),
             params,
             dummy_hash: String::new(),
             permits: Arc::new(Semaphore::new(cores)),
@@ -68,6 +72,8 @@ impl Passwords {
         passwords.dummy_hash = passwords
             .hash("no account has this password".into())
             .await?;
+        // A server that nobody logs in to keeps no working memory.
+        passwords.memory.release();
         Ok(passwords)
     }
 
@@ -89,11 +95,14 @@ impl Passwords {
 
     /// Returns the Argon2id PHC string of `password`, with a fresh random salt.
     pub(crate) async fn hash(&self, password: String) -> Result<String, GroupError> {
-        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone());
+        let hasher = Hasher {
+            params: self.params.clone(),
+            memory: Arc::clone(&self.memory),
+        };
         let permit = self.permit().await;
         let hashed = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            argon2.hash_password(password.as_bytes())
+            hasher.hash_password(password.as_bytes())
         })
         .await?;
         Ok(hashed.map_err(GroupError::Hashing)?.to_string())
@@ -108,11 +117,15 @@ impl Passwords {
     ) -> Result<bool, GroupError> {
         let has_hash = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let hasher = Hasher {
+            params: self.params.clone(),
+            memory: Arc::clone(&self.memory),
+        };
         let permit = self.permit().await;
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             // Algorithm, version and cost come from the PHC string itself.
-            Argon2::default().verify_password(password.as_bytes(), hash.as_str())
+            hasher.verify_password(password.as_bytes(), &PasswordHash::new(&hash)?)
         })
         .await?;
         match outcome {
@@ -120,6 +133,120 @@ impl Passwords {
             Err(password_hash::Error::PasswordInvalid) => Ok(false),
             Err(error) => Err(GroupError::Hashing(error)),
         }
+    }
+}
+
+/// Argon2's working memory (`m_cost` KiB per hash: 19 MiB by default), kept
+/// from one hash for the next.
+///
+/// `argon2` allocates and zeroes it for every hash. Under a burst of logins
+/// glibc's heap grew by about 150 MB and kept it: the big blocks, freed between
+/// the small allocations of other requests, leave holes too small for the next
+/// one (`confab-bench one-to-one` registering 400 users: 162 MB of server RSS
+/// afterwards). Kept here, it is at most one buffer per concurrent hash (the
+/// permits bound them to the cores), and no hash clears memory it is about to
+/// overwrite.
+#[derive(Debug)]
+struct Memory {
+    /// Buffers not in use.
+    free: Mutex<Vec<Vec<Block>>>,
+    /// A hash needing more (verifying one made with a higher cost) gets memory
+    /// of its own, freed after use.
+    keep_blocks: usize,
+}
+
+impl Memory {
+    fn new(keep_blocks: usize) -> Self {
+        Self {
+            free: Mutex::new(Vec::new()),
+            keep_blocks,
+        }
+    }
+
+    /// Runs `hash` on `blocks` blocks of working memory.
+    fn with<R>(&self, blocks: usize, hash: impl FnOnce(&mut [Block]) -> R) -> R {
+        if blocks > self.keep_blocks {
+            return hash(&mut vec![Block::default(); blocks]);
+        }
+        let free = || self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut buffer = free().pop().unwrap_or_default();
+        // Argon2 writes every block before reading it: what a buffer held
+        // before needs no clearing, only new blocks are initialised.
+        buffer.resize(blocks, Block::default());
+        let result = hash(&mut buffer);
+        free().push(buffer);
+        result
+    }
+
+    /// Frees the buffers not in use.
+    fn release(&self) {
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// Argon2 on [`Memory`]: new hashes are Argon2id v19 with `params`; verifying
+/// takes algorithm, version and cost from the hash.
+struct Hasher {
+    params: Params,
+    memory: Arc<Memory>,
+}
+
+impl PasswordHasher<PasswordHash> for Hasher {
+    fn hash_password_with_salt(
+        &self,
+        password: &[u8],
+        salt: &[u8],
+    ) -> password_hash::Result<PasswordHash> {
+        self.hash_password_customized(
+            password,
+            salt,
+            Some(Algorithm::Argon2id.as_ref()),
+            Some(Version::V0x13.into()),
+            self.params.clone(),
+        )
+    }
+}
+
+impl CustomizedPasswordHasher<PasswordHash> for Hasher {
+    type Params = Params;
+
+    fn hash_password_customized(
+        &self,
+        password: &[u8],
+        salt: &[u8],
+        algorithm: Option<&str>,
+        version: Option<password_hash::Version>,
+        params: Params,
+    ) -> password_hash::Result<PasswordHash> {
+        let algorithm = algorithm
+            .map(Algorithm::try_from)
+            .transpose()?
+            .unwrap_or_default();
+        let version = version
+            .map(Version::try_from)
+            .transpose()?
+            .unwrap_or_default();
+        let salt = Salt::new(salt)?;
+        let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let blocks = params.block_count();
+        let argon2 = Argon2::new(algorithm, version, params);
+        let mut output = [0; Output::MAX_LENGTH];
+        let output = output
+            .get_mut(..output_len)
+            .ok_or(password_hash::Error::OutputSize)?;
+        self.memory.with(blocks, |memory| {
+            argon2.hash_password_into_with_memory(password, &salt, output, memory)
+        })?;
+        Ok(PasswordHash {
+            algorithm: algorithm.ident(),
+            version: Some(version.into()),
+            params: ParamsString::try_from(argon2.params())?,
+            salt: Some(salt),
+            hash: Some(Output::new(output)?),
+        })
     }
 }
 
@@ -440,6 +567,46 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    /// Hashes made on kept memory are the `argon2` crate's own: each verifies the
+    /// other's, with any algorithm, version and cost the hash names; a wrong
+    /// password fails either way. Memory is kept for the next hash, but not a
+    /// buffer larger than new hashes need, and not after startup.
+    #[tokio::test]
+    async fn kept_memory_hashes_like_argon2() {
+        let passwords = Passwords::cheap_for_tests().await;
+        assert!(passwords.memory.free.lock().unwrap().is_empty());
+        let ours = passwords.hash("correct horse".into()).await.unwrap();
+        let kept = passwords.memory.free.lock().unwrap().len();
+        assert_eq!(kept, 1);
+        let parsed = PasswordHash::new(&ours).unwrap();
+        Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .unwrap();
+        assert!(
+            Argon2::default()
+                .verify_password(b"wrong horse", &parsed)
+                .is_err()
+        );
+
+        let bigger = Params::new(2 * Params::MIN_M_COST, 1, 1, Some(24)).unwrap();
+        for (algorithm, version) in [
+            (Algorithm::Argon2id, Version::V0x13),
+            (Algorithm::Argon2i, Version::V0x10),
+            (Algorithm::Argon2d, Version::V0x13),
+        ] {
+            let theirs = Argon2::new(algorithm, version, bigger.clone())
+                .hash_password(b"battery staple")
+                .unwrap()
+                .to_string();
+            let check = |password: &str| passwords.verify(password.into(), Some(theirs.clone()));
+            assert!(check("battery staple").await.unwrap(), "{theirs}");
+            assert!(!check("battery stapler").await.unwrap(), "{theirs}");
+        }
+        let free = passwords.memory.free.lock().unwrap();
+        assert_eq!(free.len(), 1);
+        assert_eq!(free[0].len(), Params::MIN_M_COST as usize);
     }
 
     /// A taken username, in any case, gives UsernameTaken; the unique index refuses
