@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use confab_common::ids::Snowflake;
 
-use crate::accounts::Passwords;
+use crate::accounts::{NewUsers, Passwords};
 use crate::store::Store;
 
 pub use crate::error::GroupError;
@@ -60,6 +60,8 @@ struct Inner {
     ids: Snowflake,
     /// Hashes and checks passwords off the async runtime.
     passwords: Passwords,
+    /// Users `EnsureUser` creates, inserted together.
+    new_users: NewUsers,
     /// How large groups and channels may grow.
     limits: GroupLimits,
 }
@@ -140,6 +142,7 @@ impl GroupService {
             store,
             ids: Snowflake::new(node_id),
             passwords,
+            new_users: NewUsers::default(),
             limits,
         };
         Self {

@@ -19,7 +19,7 @@ mod postgres;
 mod rows;
 mod sqlite;
 
-pub(crate) use backend::Store;
+pub(crate) use backend::{MAX_USERS_PER_INSERT, Store};
 pub(crate) use change::Change;
 pub(crate) use postgres::migrate as migrate_postgres;
 

@@ -19,6 +19,10 @@ pub(crate) enum Backend<S, P> {
     Postgres(P),
 }
 
+/// Rows of one [`Store::insert_users`]: three bound values each, well below
+/// SQLite's 32,766 and PostgreSQL's 65,535 per statement.
+pub(crate) const MAX_USERS_PER_INSERT: usize = 1_000;
+
 /// Users, conversations and membership, in either backend.
 pub(crate) type Store = Backend<SqlitePool, PgPool>;
 
@@ -91,6 +95,12 @@ impl Store {
         password_hash: Option<&str>,
     ) -> Result<bool, GroupError> {
         run!(&mut self.acquire().await?, insert_user(user, password_hash))
+    }
+
+    /// Inserts passwordless users in one statement (at most
+    /// [`MAX_USERS_PER_INSERT`]), skipping those whose username is taken.
+    pub(crate) async fn insert_users(&self, users: &[User]) -> Result<(), GroupError> {
+        run!(&mut self.acquire().await?, insert_users(users))
     }
 
     /// Returns the user with this id.

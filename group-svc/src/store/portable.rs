@@ -47,6 +47,26 @@ macro_rules! portable_statements {
                 Ok(result.rows_affected() == 1)
             }
 
+            /// Inserts passwordless users in one statement, skipping those whose
+            /// username is taken (by an existing user or an earlier row).
+            pub(in crate::store) async fn insert_users(
+                connection: &mut Connection,
+                users: &[User],
+            ) -> Result<(), GroupError> {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO users (id, username, password_hash, created_at_ms) ",
+                );
+                query.push_values(users, |mut row, user| {
+                    row.push_bind(user.id)
+                        .push_bind(user.username.as_str())
+                        .push("NULL")
+                        .push_bind(user.created_at_ms);
+                });
+                query.push(" ON CONFLICT (username) DO NOTHING");
+                query.build().execute(connection).await?;
+                Ok(())
+            }
+
             /// Returns the user with this id.
             pub(in crate::store) async fn user_by_id(
                 connection: &mut Connection,
