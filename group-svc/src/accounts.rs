@@ -171,7 +171,7 @@ impl NewUsers {
 /// from one hash for the next.
 ///
 /// `argon2` allocates and zeroes it for every hash. Under a burst of logins
-/// glibc's heap grew by about 150 MB and kept it: the big blocks, freed between
+/// glibc's heap grew by about 160 MB and kept it: the big blocks, freed between
 /// the small allocations of other requests, leave holes too small for the next
 /// one (`confab-bench one-to-one` registering 400 users: 162 MB of server RSS
 /// afterwards). Kept here, it is at most one buffer per concurrent hash (the
