@@ -312,6 +312,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config: gateway_config(&args),
         tokens,
         groups,
+        external_users: Arc::default(),
         messages,
         sessions,
         presence,

@@ -7,12 +7,17 @@
 //! every gateway for new connections and unary calls; live connections are
 //! closed through the hub (see `hub.rs`).
 
-use confab_common::auth::{Subject, TokenService, Verified};
+use std::collections::HashMap;
+
+use confab_common::auth::{Subject, Verified};
 use confab_common::channel::GrpcChannel;
 use confab_proto::group::v1::groups_client::GroupsClient;
 use confab_proto::group::v1::{CheckTokenRequest, EnsureUserRequest};
+use parking_lot::Mutex;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
+
+use crate::Gateway;
 
 /// The one terse message every refused token gets, whatever the cause: a client
 /// learns nothing from it but that it must log in or refresh.
@@ -51,31 +56,34 @@ pub(crate) fn bearer(value: &str) -> Option<&str> {
 /// UNAUTHENTICATED with [`REFUSED`] for any token that is not a valid, unrevoked
 /// access token of an existing user; UNAVAILABLE and the like when group-svc
 /// cannot answer.
-pub(crate) async fn caller(
-    tokens: &TokenService,
-    groups: &GroupsClient<GrpcChannel>,
-    token: &str,
-) -> Result<Caller, Status> {
-    let verified = tokens.verify_access(token).map_err(|error| {
+pub(crate) async fn caller(gateway: &Gateway, token: &str) -> Result<Caller, Status> {
+    let groups = &gateway.groups;
+    let verified = gateway.tokens.verify_access(token).map_err(|error| {
         tracing::debug!(%error, "token refused");
         Status::unauthenticated(REFUSED)
     })?;
     let user_id = match &verified.subject {
         Subject::User(id) => *id,
-        Subject::External(username) => {
-            let request = EnsureUserRequest {
-                username: username.clone(),
-            };
-            let user = groups
-                .clone()
-                .ensure_user(request)
-                .await
-                .map_err(|status| match status.code() {
-                    tonic::Code::InvalidArgument => Status::unauthenticated(REFUSED),
-                    _ => status,
-                })?;
-            user.into_inner().id
-        }
+        Subject::External(username) => match gateway.external_users.get(username) {
+            Some(id) => id,
+            None => {
+                let request = EnsureUserRequest {
+                    username: username.clone(),
+                };
+                let user =
+                    groups
+                        .clone()
+                        .ensure_user(request)
+                        .await
+                        .map_err(|status| match status.code() {
+                            tonic::Code::InvalidArgument => Status::unauthenticated(REFUSED),
+                            _ => status,
+                        })?;
+                let id = user.into_inner().id;
+                gateway.external_users.insert(username, id);
+                id
+            }
+        },
     };
     check_not_revoked(groups, user_id, &verified).await?;
     Ok(Caller {
@@ -122,8 +130,7 @@ pub(crate) async fn check_not_revoked(
 ///
 /// UNAUTHENTICATED when the metadata is missing or its token is not valid.
 pub(crate) async fn from_metadata(
-    tokens: &TokenService,
-    groups: &GroupsClient<GrpcChannel>,
+    gateway: &Gateway,
     metadata: &MetadataMap,
 ) -> Result<Caller, Status> {
     let token = metadata
@@ -131,12 +138,56 @@ pub(crate) async fn from_metadata(
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
         .ok_or_else(|| Status::unauthenticated(REFUSED))?;
-    caller(tokens, groups, token).await
+    caller(gateway, token).await
+}
+
+/// The Confab user of each external subject this gateway has seen, so that a
+/// token of an external identity provider costs one call to group-svc
+/// (`CheckToken`) rather than two: every connection and every unary call asked
+/// `EnsureUser` for the same answer. A subject's user never changes once made
+/// (users are neither renamed nor deleted), so an entry never goes stale;
+/// beyond [`Self::MAX_ENTRIES`] the map starts over.
+#[derive(Debug, Default)]
+pub struct ExternalUsers {
+    ids: Mutex<HashMap<String, i64>>,
+}
+
+impl ExternalUsers {
+    /// Subjects kept (about 100 bytes each).
+    const MAX_ENTRIES: usize = 100_000;
+
+    fn get(&self, subject: &str) -> Option<i64> {
+        self.ids.lock().get(subject).copied()
+    }
+
+    fn insert(&self, subject: &str, user_id: i64) {
+        let mut ids = self.ids.lock();
+        if ids.len() >= Self::MAX_ENTRIES {
+            ids.clear();
+        }
+        ids.insert(subject.to_owned(), user_id);
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::bearer;
+    use super::{ExternalUsers, bearer};
+
+    /// A subject's user is kept once seen; a full map starts over.
+    #[test]
+    fn external_users_are_kept_up_to_a_bound() {
+        let users = ExternalUsers::default();
+        assert_eq!(users.get("ann"), None);
+        users.insert("ann", 7);
+        assert_eq!(users.get("ann"), Some(7));
+        for i in 1..ExternalUsers::MAX_ENTRIES {
+            users.insert(&format!("u{i}"), 1);
+        }
+        assert_eq!(users.get("ann"), Some(7));
+        users.insert("bob", 8);
+        assert_eq!((users.get("ann"), users.get("bob")), (None, Some(8)));
+        assert_eq!(users.ids.lock().len(), 1);
+    }
 
     /// Only a non-empty bearer credential is taken.
     #[test]

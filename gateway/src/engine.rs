@@ -166,13 +166,7 @@ where
         };
         let caller = match caller {
             Some(caller) => caller,
-            None => match Box::pin(crate::auth::caller(
-                &gateway.tokens,
-                &gateway.groups,
-                &hello.token,
-            ))
-            .await
-            {
+            None => match Box::pin(crate::auth::caller(&gateway, &hello.token)).await {
                 Ok(caller) => caller,
                 Err(status) => {
                     let _ = sink.send(error_frame(reference, &status, true)).await;
@@ -442,7 +436,7 @@ impl Session {
     /// the same user: its expiry and session from now on.
     async fn reauthenticate(&self, reference: u64, token: &str) -> ServerFrame {
         let gateway = &self.gateway;
-        let caller = match crate::auth::caller(&gateway.tokens, &gateway.groups, token).await {
+        let caller = match crate::auth::caller(gateway, token).await {
             Ok(caller) if caller.user_id == self.user_id => caller,
             // Another user's token: as terse as any refused token.
             Ok(_) => {

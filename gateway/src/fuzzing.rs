@@ -175,6 +175,7 @@ pub fn offline_gateway() -> crate::Gateway {
         )
         .expect("a token service"),
         groups: confab_proto::group::v1::groups_client::GroupsClient::new(unavailable()),
+        external_users: std::sync::Arc::default(),
         messages: confab_proto::message::v1::messages_client::MessagesClient::new(unavailable()),
         sessions: confab_proto::session::v1::sessions_client::SessionsClient::new(unavailable()),
         presence: confab_proto::presence::v1::presences_client::PresencesClient::new(unavailable()),

@@ -65,12 +65,7 @@ impl EdgeApi {
 
     /// Returns what the request's token says: user, session, expiry.
     async fn authenticated<T>(&self, request: &Request<T>) -> Result<crate::auth::Caller, Status> {
-        crate::auth::from_metadata(
-            &self.gateway.tokens,
-            &self.gateway.groups,
-            request.metadata(),
-        )
-        .await
+        crate::auth::from_metadata(&self.gateway, request.metadata()).await
     }
 
     async fn user(&self, id: i64) -> Result<User, Status> {

@@ -45,6 +45,7 @@ mod json;
 mod limits;
 mod ws;
 
+pub use auth::ExternalUsers;
 pub use error::GatewayError;
 pub use hub::Hub;
 
@@ -127,6 +128,8 @@ pub struct Gateway {
     pub tokens: TokenService,
     /// Users, conversations, membership.
     pub groups: GroupsClient<GrpcChannel>,
+    /// The users of external token subjects seen here.
+    pub external_users: Arc<ExternalUsers>,
     /// Sends, history, sync.
     pub messages: MessagesClient<GrpcChannel>,
     /// The device registry.

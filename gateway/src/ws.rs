@@ -77,7 +77,7 @@ pub(crate) async fn upgrade(
     let caller = match token {
         Some(token) => {
             let gateway = &state.gateway;
-            match crate::auth::caller(&gateway.tokens, &gateway.groups, token).await {
+            match crate::auth::caller(gateway, token).await {
                 Ok(caller) => Some(caller),
                 Err(status) => {
                     return (StatusCode::UNAUTHORIZED, status.message().to_owned()).into_response();

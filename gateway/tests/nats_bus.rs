@@ -493,6 +493,7 @@ async fn gateway_node(server: &NatsServer) -> Node {
         },
         tokens: tokens.clone(),
         groups: groups.clone(),
+        external_users: Arc::default(),
         messages: MessagesClient::new(in_process(MessagesServer::from_arc(messages.clone()))),
         sessions: SessionsClient::new(in_process(SessionsServer::from_arc(sessions.clone()))),
         presence: PresencesClient::new(unimplemented_channel()),

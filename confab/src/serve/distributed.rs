@@ -253,6 +253,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             config: super::gateway_config(&args),
             tokens,
             groups,
+            external_users: Arc::default(),
             messages,
             sessions,
             presence,
