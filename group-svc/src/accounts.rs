@@ -618,26 +618,33 @@ mod tests {
     async fn kept_memory_hashes_like_argon2() {
         let passwords = Passwords::cheap_for_tests().await;
         assert!(passwords.memory.free.lock().unwrap().is_empty());
-        let ours = passwords.hash("correct horse".into()).await.unwrap();
-        let kept = passwords.memory.free.lock().unwrap().len();
-        assert_eq!(kept, 1);
-        let parsed = PasswordHash::new(&ours).unwrap();
-        Argon2::default()
-            .verify_password(b"correct horse", &parsed)
-            .unwrap();
-        assert!(
+        // The second hash runs on the memory the first one left dirty.
+        for password in ["correct horse", "correct horse", "other horse"] {
+            let ours = passwords.hash(password.into()).await.unwrap();
+            assert_eq!(passwords.memory.free.lock().unwrap().len(), 1);
+            let parsed = PasswordHash::new(&ours).unwrap();
             Argon2::default()
-                .verify_password(b"wrong horse", &parsed)
-                .is_err()
-        );
+                .verify_password(password.as_bytes(), &parsed)
+                .unwrap();
+            assert!(
+                Argon2::default()
+                    .verify_password(b"wrong horse", &parsed)
+                    .is_err()
+            );
+        }
 
+        // The same cost as new hashes (on the kept memory) and a higher one
+        // (on memory of its own).
+        let same = Params::new(Params::MIN_M_COST, 1, 1, None).unwrap();
         let bigger = Params::new(2 * Params::MIN_M_COST, 1, 1, Some(24)).unwrap();
-        for (algorithm, version) in [
-            (Algorithm::Argon2id, Version::V0x13),
-            (Algorithm::Argon2i, Version::V0x10),
-            (Algorithm::Argon2d, Version::V0x13),
+        for (algorithm, version, params) in [
+            (Algorithm::Argon2id, Version::V0x13, &same),
+            (Algorithm::Argon2i, Version::V0x10, &same),
+            (Algorithm::Argon2id, Version::V0x13, &bigger),
+            (Algorithm::Argon2i, Version::V0x10, &bigger),
+            (Algorithm::Argon2d, Version::V0x13, &bigger),
         ] {
-            let theirs = Argon2::new(algorithm, version, bigger.clone())
+            let theirs = Argon2::new(algorithm, version, params.clone())
                 .hash_password(b"battery staple")
                 .unwrap()
                 .to_string();
