@@ -5,7 +5,9 @@
 //! asked whether a logout revoked it (`CheckToken`: the user's watermark and
 //! revoked sessions). That call is what makes a logout effective at once on
 //! every gateway for new connections and unary calls; live connections are
-//! closed through the hub (see `hub.rs`).
+//! closed through the hub (see `hub.rs`). The subject of an external
+//! identity provider's token is first turned into its Confab user
+//! (`EnsureUser`, kept in [`ExternalUsers`] once known).
 
 use std::collections::HashMap;
 
