@@ -148,7 +148,7 @@ pub(crate) async fn from_metadata(
 /// (`CheckToken`) rather than two: every connection and every unary call asked
 /// `EnsureUser` for the same answer. A subject's user never changes once made
 /// (users are neither renamed nor deleted), so an entry never goes stale;
-/// beyond [`Self::MAX_ENTRIES`] the map starts over.
+/// beyond `MAX_ENTRIES` the map starts over.
 #[derive(Debug, Default)]
 pub struct ExternalUsers {
     ids: Mutex<HashMap<String, i64>>,
