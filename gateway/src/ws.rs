@@ -320,25 +320,24 @@ impl FrameSink for WsSink {
     /// Clears [`WsSink::queued`] once the flush completed: a flush dropped
     /// half way (the engine had something else to do) leaves it set.
     fn flush(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
-        let queued = &mut self.queued;
-        self.sink.flush().map(move |flushed| {
-            if flushed.is_ok() {
-                *queued = false;
-            }
-            flushed.map_err(|_| ())
-        })
+        self.sink.flush().map(written(&mut self.queued))
     }
 
     /// A ping is sent and flushed with whatever was queued.
     fn probe(&mut self) -> impl Future<Output = Result<(), ()>> + Send {
         let ping = Message::Ping(bytes::Bytes::new());
-        let queued = &mut self.queued;
-        self.sink.send(ping).map(move |sent| {
-            if sent.is_ok() {
-                *queued = false;
-            }
-            sent.map_err(|_| ())
-        })
+        self.sink.send(ping).map(written(&mut self.queued))
+    }
+}
+
+/// The outcome of a write that flushes the sink: once it completed, nothing
+/// is `queued` any more.
+fn written<E>(queued: &mut bool) -> impl FnOnce(Result<(), E>) -> Result<(), ()> + Send + '_ {
+    move |outcome| {
+        if outcome.is_ok() {
+            *queued = false;
+        }
+        outcome.map_err(|_| ())
     }
 }
 
