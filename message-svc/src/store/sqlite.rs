@@ -297,7 +297,9 @@ fn push_find_sent(query: &mut QueryBuilder<Sqlite>, keys: &[(i64, &str)]) -> usi
 /// for (a correlated count each, of at most `cap` index entries); a part that
 /// nobody asks for is left out. The rows are those
 /// [`common::receipt_facts_from_rows`] reads, the queries numbered in order.
-/// Returns the number of statements appended.
+/// Returns the number of statements appended: two when both parts are asked
+/// for (a read watermark moved), and the caller keeps only one-statement texts
+/// prepared (pairs of padded sizes would be too many to keep).
 ///
 /// Written as a compound SELECT of a term per query (the Postgres form), the
 /// statement's text changed with every batch, so it was compiled for each
