@@ -7,12 +7,20 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod wal_buffer;
+
 /// Returns the connect options for the SQLite file at `path`: WAL journal, so that
 /// readers never wait for the writer, and `synchronous = FULL`, so that a commit
 /// returns only once its WAL frames are flushed to disk (a commit survives a power
-/// loss; DESIGN.md section 4).
+/// loss; DESIGN.md section 4). Files are opened through [`wal_buffer`]'s VFS,
+/// which writes a commit's WAL frames in one call.
 pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
+    let options = SqliteConnectOptions::new();
+    let options = match wal_buffer::name() {
+        Some(vfs) => options.vfs(vfs),
+        None => options,
+    };
+    options
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
