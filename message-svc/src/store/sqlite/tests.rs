@@ -350,3 +350,20 @@ async fn migration_adds_columns_once() {
         Box::new(log).close().await.unwrap();
     }
 }
+
+/// The writer's connection keeps a page cache of [`WRITER_CACHE`] (the leaves
+/// a batch touches), the readers SQLite's default.
+#[tokio::test]
+async fn the_writer_keeps_a_larger_page_cache() {
+    let (store, mut log, _dir) = open_writer().await;
+    let writer: i64 = sqlx::query_scalar("PRAGMA cache_size")
+        .fetch_one(log.conn())
+        .await
+        .unwrap();
+    let reader: i64 = sqlx::query_scalar("PRAGMA cache_size")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(writer.to_string(), WRITER_CACHE);
+    assert_eq!(reader, -2000);
+}
