@@ -101,8 +101,13 @@ impl MessageService {
         bus: Arc<dyn LiveBus>,
     ) -> Result<Self, MessageError> {
         let (store, log) = store::sqlite::open(&config.db_path).await?;
-        let (handle, writer_done, stats) =
-            writer::spawn(Box::new(log), config.node_id, config.max_batch, bus);
+        let (handle, writer_done, stats) = writer::spawn(
+            Box::new(log),
+            writer::Home::OwnThread,
+            config.node_id,
+            config.max_batch,
+            bus,
+        )?;
         tracing::info!(path = %config.db_path.display(), node_id = config.node_id, "message store open");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -130,8 +135,14 @@ impl MessageService {
         bus: Arc<dyn LiveBus>,
     ) -> Result<Self, MessageError> {
         let (store, log) = store::postgres::open(pool).await?;
-        let (handle, writer_done, stats) =
-            writer::spawn(Box::new(log), config.node_id, config.max_batch, bus);
+        // PostgreSQL's answers come through the runtime's own I/O driver.
+        let (handle, writer_done, stats) = writer::spawn(
+            Box::new(log),
+            writer::Home::Runtime,
+            config.node_id,
+            config.max_batch,
+            bus,
+        )?;
         tracing::info!(node_id = config.node_id, "message store open on PostgreSQL");
         Ok(Self {
             inner: Arc::new(Inner {

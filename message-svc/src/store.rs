@@ -42,6 +42,9 @@ pub enum StoreError {
         /// The user whose sequence would have broken.
         user_id: i64,
     },
+    /// The writer's thread or its runtime could not be started.
+    #[error("the message writer's thread could not be started")]
+    Start(#[source] std::io::Error),
 }
 
 impl StoreError {

@@ -23,7 +23,8 @@ async fn setup(dir: &tempfile::TempDir, fail_commit: Option<Arc<AtomicBool>>) ->
         None => Box::new(log),
     };
     let (bus, live) = RecordingBus::new();
-    let (handle, done, stats) = spawn(log, 3, 512, bus.clone());
+    // On the test's runtime: commands queued before it yields land in one batch.
+    let (handle, done, stats) = spawn(log, Home::Runtime, 3, 512, bus.clone()).unwrap();
     Setup {
         handle,
         done,
@@ -582,4 +583,37 @@ async fn receipts_and_sends_in_one_batch_keep_command_order() {
             "message m3"
         ]
     );
+}
+
+/// A bus that records the name of the thread each batch is published from.
+#[derive(Debug, Default)]
+struct ThreadBus {
+    threads: parking_lot::Mutex<Vec<Option<String>>>,
+}
+
+impl LiveBus for ThreadBus {
+    fn publish(&self, _events: &[Arc<LiveEvent>]) {
+        let name = std::thread::current().name().map(str::to_owned);
+        self.threads.lock().push(name);
+    }
+}
+
+/// A writer at [`Home::OwnThread`] commits and publishes on its own thread,
+/// `confab-writer`, not on the caller's runtime, and stops (flipping its done
+/// watch) once every handle is dropped.
+#[tokio::test]
+async fn a_writer_of_its_own_thread_commits_there_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
+    let bus = Arc::new(ThreadBus::default());
+    let (handle, mut done, _stats) =
+        spawn(Box::new(log), Home::OwnThread, 3, 512, bus.clone()).unwrap();
+    let sent = submit(&handle, command(1, 10, &[1, 2], "own-thread"))
+        .await
+        .unwrap();
+    assert!(!sent.duplicate);
+    assert_eq!(*bus.threads.lock(), [Some("confab-writer".to_owned())]);
+    assert_eq!(all_events(&store, 2).await.len(), 1);
+    drop(handle);
+    done.wait_for(|done| *done).await.unwrap();
 }
