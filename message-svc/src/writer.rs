@@ -501,13 +501,15 @@ impl Writer {
             .max_batch
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
 
+        // Published before the answers: a caller holding its answer knows its
+        // events are on the live bus, wherever the writer runs.
+        if !events.is_empty() {
+            self.bus.publish(&events);
+        }
         for (request, outcome) in batch.into_iter().zip(outcomes) {
             // The caller may have given up; the message is stored all the same and
             // its retry finds it.
             let _ = request.reply.send(outcome);
-        }
-        if !events.is_empty() {
-            self.bus.publish(&events);
         }
     }
 
