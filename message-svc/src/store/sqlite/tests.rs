@@ -367,3 +367,21 @@ async fn the_writer_keeps_a_larger_page_cache() {
     assert_eq!(writer.to_string(), WRITER_CACHE);
     assert_eq!(reader, -2000);
 }
+
+/// A new store's file has pages of [`PAGE_SIZE`], for every connection.
+#[tokio::test]
+async fn a_new_store_has_small_pages() {
+    let (store, mut log, _dir) = open_writer().await;
+    let writer: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(log.conn())
+        .await
+        .unwrap();
+    let reader: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (writer, reader),
+        (i64::from(PAGE_SIZE), i64::from(PAGE_SIZE))
+    );
+}
