@@ -426,6 +426,29 @@ impl BatchState<'_> {
     }
 }
 
+/// A committed batch: what is left to do is to publish its events and answer
+/// its senders.
+struct Committed {
+    batch: Vec<WriteRequest>,
+    outcomes: Vec<Result<Outcome, MessageError>>,
+    events: Vec<Arc<LiveEvent>>,
+}
+
+impl Committed {
+    /// Publishes the events, then answers the senders: a caller holding its
+    /// answer knows its events are on the live bus, wherever the writer runs.
+    fn finish(self, bus: &dyn LiveBus) {
+        if !self.events.is_empty() {
+            bus.publish(&self.events);
+        }
+        for (request, outcome) in self.batch.into_iter().zip(self.outcomes) {
+            // The caller may have given up; the message is stored all the same and
+            // its retry finds it.
+            let _ = request.reply.send(outcome);
+        }
+    }
+}
+
 struct Writer {
     log: Box<dyn LogWriter>,
     ids: Snowflake,
@@ -447,10 +470,33 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        // The last batch committed, its events not yet published nor its
+        // senders answered.
+        let mut committed: Option<Committed> = None;
+        let bus = Arc::clone(&self.bus);
         // Waits for one command, then takes whatever else is queued: while one
         // batch is being flushed the next one gathers, with no timer.
-        while rx.recv_many(&mut batch, self.max_batch).await > 0 {
-            self.commit_batch(std::mem::take(&mut batch)).await;
+        loop {
+            if rx.is_empty()
+                && let Some(done) = committed.take()
+            {
+                done.finish(&*bus);
+            }
+            if rx.recv_many(&mut batch, self.max_batch).await == 0 {
+                break;
+            }
+            let next = std::mem::take(&mut batch);
+            committed = match committed.take() {
+                // The next batch's first call goes to the store first; the
+                // last batch is published and answered while it runs (the
+                // store's thread would otherwise wait for that).
+                Some(done) => {
+                    let (next, ()) =
+                        tokio::join!(self.commit_batch(next), async { done.finish(&*bus) });
+                    next
+                }
+                None => self.commit_batch(next).await,
+            };
             if self.seqs.len() > MAX_CACHED_SEQS {
                 self.seqs.clear();
             }
@@ -458,12 +504,18 @@ impl Writer {
                 self.snapshots.clear();
             }
         }
+        if let Some(done) = committed {
+            done.finish(&*bus);
+        }
         if let Err(error) = self.log.close().await {
             tracing::warn!(error = %error, "closing the message log failed");
         }
     }
 
-    async fn commit_batch(&mut self, batch: Vec<WriteRequest>) {
+    /// Commits `batch` and returns it with its outcomes and events, to be
+    /// [finished](Committed::finish); `None` when the commit failed (its
+    /// senders are answered with the error).
+    async fn commit_batch(&mut self, batch: Vec<WriteRequest>) -> Option<Committed> {
         let started = Instant::now();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut events = Vec::new();
@@ -473,7 +525,7 @@ impl Writer {
             .await;
         if let Err(error) = result {
             self.fail_batch(batch, error, &touched).await;
-            return;
+            return None;
         }
 
         let (mut accepted, mut duplicates) = (0_u64, 0_u64);
@@ -501,16 +553,11 @@ impl Writer {
             .max_batch
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
 
-        // Published before the answers: a caller holding its answer knows its
-        // events are on the live bus, wherever the writer runs.
-        if !events.is_empty() {
-            self.bus.publish(&events);
-        }
-        for (request, outcome) in batch.into_iter().zip(outcomes) {
-            // The caller may have given up; the message is stored all the same and
-            // its retry finds it.
-            let _ = request.reply.send(outcome);
-        }
+        Some(Committed {
+            batch,
+            outcomes,
+            events,
+        })
     }
 
     /// Runs the whole batch in one transaction. On success `outcomes` holds one

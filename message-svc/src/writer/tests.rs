@@ -19,7 +19,7 @@ struct Setup {
 async fn setup(dir: &tempfile::TempDir, fail_commit: Option<Arc<AtomicBool>>) -> Setup {
     let (store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
     let log: Box<dyn LogWriter> = match fail_commit {
-        Some(fail) => Box::new(FailingLog { inner: log, fail }),
+        Some(fail) => Box::new(FailingLog::new(log, fail)),
         None => Box::new(log),
     };
     let (bus, live) = RecordingBus::new();
@@ -76,11 +76,36 @@ async fn all_events(store: &SqliteStore, user_id: i64) -> Vec<UserEvent> {
     store.sync(user_id, 0, 10_000).await.unwrap().events.items
 }
 
-/// Fails the next commit when `fail` is set, like a full disk would.
+/// Fails the next commit when `fail` is set, like a full disk would; with
+/// `commit_gate`, each commit first waits for a permit; `on_lookup` runs at
+/// each dedup lookup.
 #[derive(Debug)]
 struct FailingLog {
     inner: SqliteLogWriter,
     fail: Arc<AtomicBool>,
+    commit_gate: Option<Arc<tokio::sync::Semaphore>>,
+    on_lookup: Option<Hook>,
+}
+
+/// A callback of a test's, run by [`FailingLog`].
+#[derive(Clone)]
+struct Hook(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+impl FailingLog {
+    fn new(inner: SqliteLogWriter, fail: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            fail,
+            commit_gate: None,
+            on_lookup: None,
+        }
+    }
 }
 
 impl LogWriter for FailingLog {
@@ -91,6 +116,9 @@ impl LogWriter for FailingLog {
         &'a mut self,
         keys: &'a [(i64, &'a str)],
     ) -> BoxFuture<'a, Result<Vec<StoredMessage>, StoreError>> {
+        if let Some(hook) = &self.on_lookup {
+            (hook.0)();
+        }
         self.inner.find_sent_many(keys)
     }
     fn last_seqs<'a>(
@@ -158,7 +186,13 @@ impl LogWriter for FailingLog {
                 Err(sqlx::Error::Protocol("injected commit failure".into()).into())
             });
         }
-        self.inner.commit()
+        match self.commit_gate.clone() {
+            Some(gate) => Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                self.inner.commit().await
+            }),
+            None => self.inner.commit(),
+        }
     }
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), StoreError>> {
         self.inner.rollback()
@@ -616,4 +650,51 @@ async fn a_writer_of_its_own_thread_commits_there_and_stops() {
     assert_eq!(all_events(&store, 2).await.len(), 1);
     drop(handle);
     done.wait_for(|done| *done).await.unwrap();
+}
+
+/// Runs the current-thread runtime's other tasks until `done` holds.
+async fn until(mut done: impl FnMut() -> bool) {
+    for _ in 0..100_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("condition never held");
+}
+
+/// The next batch's first call goes to the store before the last batch is
+/// published and answered, so the store's thread has work meanwhile: at the
+/// second batch's dedup lookup the first one's events are not published yet.
+#[tokio::test]
+async fn the_next_batch_reaches_the_store_before_the_last_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
+    let (bus, _live) = RecordingBus::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let published_at_lookup = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let hook = {
+        let (bus, seen) = (bus.clone(), Arc::clone(&published_at_lookup));
+        Hook(Arc::new(move || seen.lock().push(bus.events.lock().len())))
+    };
+    let log = FailingLog {
+        commit_gate: Some(Arc::clone(&gate)),
+        on_lookup: Some(hook),
+        ..FailingLog::new(log, Arc::new(AtomicBool::new(false)))
+    };
+    let (handle, _done, _stats) = spawn(Box::new(log), Home::Runtime, 3, 512, bus.clone()).unwrap();
+    let send = |id: &'static str| {
+        let handle = handle.clone();
+        tokio::spawn(async move { submit(&handle, command(1, 10, &[1, 2], id)).await })
+    };
+    let first = send("first");
+    // The first batch waits at its commit; the second is queued meanwhile.
+    until(|| published_at_lookup.lock().len() == 1).await;
+    let second = send("second");
+    until(|| handle.capacity() < handle.max_capacity()).await;
+    gate.add_permits(2);
+    assert!(!first.await.unwrap().unwrap().duplicate);
+    assert!(!second.await.unwrap().unwrap().duplicate);
+    assert_eq!(*published_at_lookup.lock(), [0, 0]);
+    assert_eq!(bus.events.lock().len(), 4);
 }
