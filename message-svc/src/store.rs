@@ -48,6 +48,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Returns whether a unique index refused a row: on the message writer's
+    /// path, a dedup key stored before (or, never expected, a sequence number
+    /// taken twice).
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(
+            self,
+            Self::Sql(sqlx::Error::Database(error))
+                if error.kind() == sqlx::error::ErrorKind::UniqueViolation
+        )
+    }
+
     /// Returns whether the failed transaction may simply be run again: the
     /// database aborted it because of concurrent writers (PostgreSQL's deadlock
     /// `40P01` or serialization failure `40001`), and nothing of it was kept.

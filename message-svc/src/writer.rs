@@ -38,6 +38,11 @@ const QUEUE_CAPACITY: usize = 8192;
 /// batches (reloading one is one indexed `MAX`).
 const MAX_CACHED_SEQS: usize = 1_000_000;
 
+/// Batches that look their dedup keys up before writing, after a batch found
+/// or hit a key stored before: retries come in bursts (a client reconnecting
+/// resends what it has not seen acknowledged), and each hit costs a redo.
+const LOOKUP_AFTER_DUPLICATE: u32 = 64;
+
 /// Conversations whose snapshot is kept; beyond it the map is cleared between
 /// batches and refilled from the send path's hints.
 const MAX_CACHED_SNAPSHOTS: usize = 100_000;
@@ -140,6 +145,9 @@ pub(crate) struct WriterStats {
     pub(crate) commits: AtomicU64,
     /// Commands in the largest batch committed so far.
     pub(crate) max_batch: AtomicU64,
+    /// Batches run again with their keys looked up, after the unique index
+    /// refused one of their keys.
+    pub(crate) redone: AtomicU64,
 }
 
 /// The sending half: cheap to clone, one per caller.
@@ -192,6 +200,7 @@ pub(crate) fn spawn(
         bus,
         max_batch: max_batch.max(1),
         stats: Arc::clone(&stats),
+        lookups_left: 0,
     };
     let run = async move {
         writer.run(rx).await;
@@ -465,6 +474,11 @@ struct Writer {
     bus: Arc<dyn LiveBus>,
     max_batch: usize,
     stats: Arc<WriterStats>,
+    /// Batches left that look their dedup keys up before writing
+    /// ([`LOOKUP_AFTER_DUPLICATE`]); otherwise an unshared store's batch
+    /// writes without looking, and the unique index catches a key stored
+    /// before.
+    lookups_left: u32,
 }
 
 impl Writer {
@@ -520,9 +534,27 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut events = Vec::new();
         let mut touched = HashSet::new();
-        let result = self
-            .apply(&batch, &mut outcomes, &mut events, &mut touched)
+        // A shared store's batches always look up: it locks heads first anyway.
+        let lookup = self.log.shared() || self.lookups_left > 0;
+        self.lookups_left = self.lookups_left.saturating_sub(1);
+        let mut result = self
+            .apply(&batch, lookup, &mut outcomes, &mut events, &mut touched)
             .await;
+        if !lookup && result.as_ref().is_err_and(StoreError::is_unique_violation) {
+            // A key of the batch was stored before (a retry of a message
+            // committed in an earlier batch): nothing of it was kept. Run it
+            // again, looking the keys up, with the sequence numbers it took
+            // reloaded as after any failed batch.
+            self.abandon(&touched).await;
+            outcomes.clear();
+            events.clear();
+            touched.clear();
+            self.lookups_left = LOOKUP_AFTER_DUPLICATE;
+            self.stats.redone.fetch_add(1, Ordering::Relaxed);
+            result = self
+                .apply(&batch, true, &mut outcomes, &mut events, &mut touched)
+                .await;
+        }
         if let Err(error) = result {
             self.fail_batch(batch, error, &touched).await;
             return None;
@@ -574,6 +606,7 @@ impl Writer {
     async fn apply(
         &mut self,
         batch: &[WriteRequest],
+        lookup: bool,
         outcomes: &mut Vec<Result<Outcome, MessageError>>,
         events: &mut Vec<Arc<LiveEvent>>,
         touched: &mut HashSet<i64>,
@@ -608,12 +641,15 @@ impl Writer {
                 },
             )
             .collect();
-        let lookup: Vec<(i64, &str)> = keys.iter().flatten().copied().collect();
-        let stored = if lookup.is_empty() {
+        let keys_to_find: Vec<(i64, &str)> = keys.iter().flatten().copied().collect();
+        let stored = if keys_to_find.is_empty() || !lookup {
             Vec::new()
         } else {
-            self.log.find_sent_many(&lookup).await?
+            self.log.find_sent_many(&keys_to_find).await?
         };
+        if !stored.is_empty() {
+            self.lookups_left = LOOKUP_AFTER_DUPLICATE;
+        }
 
         let mut receipt_keys = Vec::new();
         let mut receipt_conversations = Vec::new();
@@ -1184,20 +1220,25 @@ impl Writer {
         next
     }
 
+    /// Rolls the open transaction back and forgets the sequence numbers it
+    /// handed out to `touched`: they were never stored, and the next batch
+    /// reloads these users from the database.
+    async fn abandon(&mut self, touched: &HashSet<i64>) {
+        if let Err(rollback_error) = self.log.rollback().await {
+            tracing::error!(error = %rollback_error, "rollback of the message batch failed");
+        }
+        for user_id in touched {
+            self.seqs.remove(user_id);
+        }
+    }
+
     async fn fail_batch(
         &mut self,
         batch: Vec<WriteRequest>,
         error: StoreError,
         touched: &HashSet<i64>,
     ) {
-        if let Err(rollback_error) = self.log.rollback().await {
-            tracing::error!(error = %rollback_error, "rollback of the message batch failed");
-        }
-        // The numbers handed out in the failed transaction were never stored: the
-        // next batch reloads these users from the database.
-        for user_id in touched {
-            self.seqs.remove(user_id);
-        }
+        self.abandon(touched).await;
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), batch = batch.len(), "commit of a message batch failed");
         let error = Arc::new(error);
         for request in batch {

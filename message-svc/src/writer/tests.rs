@@ -78,13 +78,14 @@ async fn all_events(store: &SqliteStore, user_id: i64) -> Vec<UserEvent> {
 
 /// Fails the next commit when `fail` is set, like a full disk would; with
 /// `commit_gate`, each commit first waits for a permit; `on_lookup` runs at
-/// each dedup lookup.
+/// each dedup lookup, `on_commit` as each commit is asked for.
 #[derive(Debug)]
 struct FailingLog {
     inner: SqliteLogWriter,
     fail: Arc<AtomicBool>,
     commit_gate: Option<Arc<tokio::sync::Semaphore>>,
     on_lookup: Option<Hook>,
+    on_commit: Option<Hook>,
 }
 
 /// A callback of a test's, run by [`FailingLog`].
@@ -104,6 +105,7 @@ impl FailingLog {
             fail,
             commit_gate: None,
             on_lookup: None,
+            on_commit: None,
         }
     }
 }
@@ -185,6 +187,9 @@ impl LogWriter for FailingLog {
             return Box::pin(async {
                 Err(sqlx::Error::Protocol("injected commit failure".into()).into())
             });
+        }
+        if let Some(hook) = &self.on_commit {
+            (hook.0)();
         }
         match self.commit_gate.clone() {
             Some(gate) => Box::pin(async move {
@@ -664,22 +669,23 @@ async fn until(mut done: impl FnMut() -> bool) {
 }
 
 /// The next batch's first call goes to the store before the last batch is
-/// published and answered, so the store's thread has work meanwhile: at the
-/// second batch's dedup lookup the first one's events are not published yet.
+/// published and answered, so the store's thread has work meanwhile: when the
+/// second batch asks for its commit (its one call: no key was looked up) the
+/// first one's events are not published yet.
 #[tokio::test]
 async fn the_next_batch_reaches_the_store_before_the_last_is_published() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
     let (bus, _live) = RecordingBus::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let published_at_lookup = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let published_at_commit = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let hook = {
-        let (bus, seen) = (bus.clone(), Arc::clone(&published_at_lookup));
+        let (bus, seen) = (bus.clone(), Arc::clone(&published_at_commit));
         Hook(Arc::new(move || seen.lock().push(bus.events.lock().len())))
     };
     let log = FailingLog {
         commit_gate: Some(Arc::clone(&gate)),
-        on_lookup: Some(hook),
+        on_commit: Some(hook),
         ..FailingLog::new(log, Arc::new(AtomicBool::new(false)))
     };
     let (handle, _done, _stats) = spawn(Box::new(log), Home::Runtime, 3, 512, bus.clone()).unwrap();
@@ -689,12 +695,56 @@ async fn the_next_batch_reaches_the_store_before_the_last_is_published() {
     };
     let first = send("first");
     // The first batch waits at its commit; the second is queued meanwhile.
-    until(|| published_at_lookup.lock().len() == 1).await;
+    until(|| published_at_commit.lock().len() == 1).await;
     let second = send("second");
     until(|| handle.capacity() < handle.max_capacity()).await;
     gate.add_permits(2);
     assert!(!first.await.unwrap().unwrap().duplicate);
     assert!(!second.await.unwrap().unwrap().duplicate);
-    assert_eq!(*published_at_lookup.lock(), [0, 0]);
+    assert_eq!(*published_at_commit.lock(), [0, 0]);
     assert_eq!(bus.events.lock().len(), 4);
+}
+
+/// An unshared store's batch writes without looking its keys up; a retry of a
+/// message committed in an earlier batch is refused by the unique index, and
+/// its batch runs again with the lookup, answering the original. The batches
+/// after it look up for a while (a retry seldom comes alone).
+#[tokio::test]
+async fn keys_are_looked_up_only_after_a_retry_hits_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, log) = sqlite::open(&dir.path().join("m.db")).await.unwrap();
+    let (bus, _live) = RecordingBus::new();
+    let lookups = Arc::new(AtomicU64::new(0));
+    let hook = {
+        let lookups = Arc::clone(&lookups);
+        Hook(Arc::new(move || {
+            lookups.fetch_add(1, Ordering::SeqCst);
+        }))
+    };
+    let log = FailingLog {
+        on_lookup: Some(hook),
+        ..FailingLog::new(log, Arc::new(AtomicBool::new(false)))
+    };
+    let (handle, _done, stats) = spawn(Box::new(log), Home::Runtime, 3, 512, bus.clone()).unwrap();
+    let first = submit(&handle, command(1, 10, &[1, 2], "a")).await.unwrap();
+    submit(&handle, command(2, 10, &[1, 2], "b")).await.unwrap();
+    assert_eq!(lookups.load(Ordering::SeqCst), 0);
+
+    let retry = submit(&handle, command(1, 10, &[1, 2], "a")).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(retry.message, first.message);
+    assert_eq!(stats.redone.load(Ordering::Relaxed), 1);
+    assert_eq!(lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        all_events(&store, 1).await.len(),
+        2,
+        "no event for the retry"
+    );
+
+    let next = submit(&handle, command(1, 10, &[1, 2], "c")).await.unwrap();
+    assert!(!next.duplicate);
+    assert_eq!(lookups.load(Ordering::SeqCst), 2);
+    // The sequence numbers the refused run took were handed out again.
+    let seqs: Vec<u64> = all_events(&store, 1).await.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
 }
