@@ -551,6 +551,7 @@ impl Writer {
             touched.clear();
             self.lookups_left = LOOKUP_AFTER_DUPLICATE;
             self.stats.redone.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("confab_message_batches_redone_total").increment(1);
             result = self
                 .apply(&batch, true, &mut outcomes, &mut events, &mut touched)
                 .await;
