@@ -596,6 +596,10 @@ impl Writer {
     /// Runs the whole batch in one transaction. On success `outcomes` holds one
     /// entry per request and `events` the new events in commit order.
     ///
+    /// With `lookup` the batch's dedup keys are looked up first; without, a
+    /// key stored before makes the unique index refuse the insert (the caller
+    /// runs the batch again with `lookup`).
+    ///
     /// The statements do not grow with the batch: one dedup lookup, one lookup
     /// each of the watermarks and newest ids the receipt commands need, one of
     /// what they need of the stored messages (the senders each covers, the

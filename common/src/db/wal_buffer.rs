@@ -332,8 +332,17 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 };
 
 /// Calls the wrapped file's method `$method` with `$args` after the wrapped
-/// file itself, or returns `$missing` when it has none.
+/// file itself, or returns `$missing` when it has none. With `flush` first, a
+/// WAL file's buffer is written before (and its error returned instead).
 macro_rules! pass {
+    (flush $file:expr, $($rest:tt)*) => {{
+        // SAFETY: SQLite calls methods on an open file.
+        let rc = unsafe { flush_any($file) };
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        pass!($file, $($rest)*)
+    }};
     ($file:expr, $method:ident, $missing:expr $(, $arg:expr)*) => {
         // SAFETY: SQLite calls a method only on an open file.
         unsafe {
@@ -364,12 +373,7 @@ unsafe extern "C" fn read(
     amount: c_int,
     offset: i64,
 ) -> c_int {
-    // SAFETY: SQLite calls methods on an open file.
-    let rc = unsafe { flush_any(file) };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xRead, ffi::SQLITE_IOERR_READ, data, amount, offset)
+    pass!(flush file, xRead, ffi::SQLITE_IOERR_READ, data, amount, offset)
 }
 
 unsafe extern "C" fn write(
@@ -399,30 +403,15 @@ unsafe extern "C" fn write(
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    // SAFETY: SQLite calls methods on an open file.
-    let rc = unsafe { flush_any(file) };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, size)
+    pass!(flush file, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, size)
 }
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    // SAFETY: SQLite calls methods on an open file.
-    let rc = unsafe { flush_any(file) };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xSync, ffi::SQLITE_IOERR_FSYNC, flags)
+    pass!(flush file, xSync, ffi::SQLITE_IOERR_FSYNC, flags)
 }
 
 unsafe extern "C" fn file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    // SAFETY: SQLite calls methods on an open file.
-    let rc = unsafe { flush_any(file) };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xFileSize, ffi::SQLITE_IOERR_FSTAT, size)
+    pass!(flush file, xFileSize, ffi::SQLITE_IOERR_FSTAT, size)
 }
 
 unsafe extern "C" fn lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -447,12 +436,7 @@ unsafe extern "C" fn file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    // SAFETY: SQLite calls methods on an open file.
-    let rc = unsafe { flush_any(file) };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xFileControl, ffi::SQLITE_NOTFOUND, op, arg)
+    pass!(flush file, xFileControl, ffi::SQLITE_NOTFOUND, op, arg)
 }
 
 unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {
@@ -504,17 +488,10 @@ unsafe extern "C" fn fetch(
     amount: c_int,
     out: *mut *mut c_void,
 ) -> c_int {
-    // SAFETY: SQLite calls methods on an open file and passes where to put the
-    // mapping (none until the wrapped file maps it); a page mapped from the
-    // file must show what was written.
-    let rc = unsafe {
-        *out = ptr::null_mut();
-        flush_any(file)
-    };
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    pass!(file, xFetch, ffi::SQLITE_OK, offset, amount, out)
+    // SAFETY: SQLite passes where to put the mapping: none until the wrapped
+    // file maps it (after the flush: a mapped page shows what was written).
+    unsafe { *out = ptr::null_mut() };
+    pass!(flush file, xFetch, ffi::SQLITE_OK, offset, amount, out)
 }
 
 unsafe extern "C" fn unfetch(

@@ -147,7 +147,8 @@ pub(crate) struct SqliteStore {
 /// send nothing but wait in `pending`, and go in front of the next statement of
 /// the transaction, in one call. In the group commit, whose reads all come
 /// before its writes, BEGIN goes with the first read and the writes with the
-/// COMMIT: a batch of sends is two calls, the dedup lookup and the commit. A
+/// COMMIT: a batch of sends is one call, BEGIN, writes and COMMIT together, or
+/// two when the writer looks its dedup keys up first (after a retry). A
 /// deferred write that fails fails that later call, and the caller rolls back
 /// as it would have on the write.
 #[derive(Debug)]

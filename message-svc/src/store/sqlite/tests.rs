@@ -351,19 +351,26 @@ async fn migration_adds_columns_once() {
     }
 }
 
+/// Returns `pragma` (a `PRAGMA` read) on the writer's connection and on a
+/// reader's.
+async fn on_both(store: &SqliteStore, log: &mut SqliteLogWriter, pragma: &'static str) -> [i64; 2] {
+    let writer = sqlx::query_scalar(pragma)
+        .fetch_one(log.conn())
+        .await
+        .unwrap();
+    let reader = sqlx::query_scalar(pragma)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    [writer, reader]
+}
+
 /// The writer's connection keeps a page cache of [`WRITER_CACHE`] (the leaves
 /// a batch touches), the readers SQLite's default.
 #[tokio::test]
 async fn the_writer_keeps_a_larger_page_cache() {
     let (store, mut log, _dir) = open_writer().await;
-    let writer: i64 = sqlx::query_scalar("PRAGMA cache_size")
-        .fetch_one(log.conn())
-        .await
-        .unwrap();
-    let reader: i64 = sqlx::query_scalar("PRAGMA cache_size")
-        .fetch_one(&store.pool)
-        .await
-        .unwrap();
+    let [writer, reader] = on_both(&store, &mut log, "PRAGMA cache_size").await;
     assert_eq!(writer.to_string(), WRITER_CACHE);
     assert_eq!(reader, -2000);
 }
@@ -372,16 +379,6 @@ async fn the_writer_keeps_a_larger_page_cache() {
 #[tokio::test]
 async fn a_new_store_has_small_pages() {
     let (store, mut log, _dir) = open_writer().await;
-    let writer: i64 = sqlx::query_scalar("PRAGMA page_size")
-        .fetch_one(log.conn())
-        .await
-        .unwrap();
-    let reader: i64 = sqlx::query_scalar("PRAGMA page_size")
-        .fetch_one(&store.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        (writer, reader),
-        (i64::from(PAGE_SIZE), i64::from(PAGE_SIZE))
-    );
+    let sizes = on_both(&store, &mut log, "PRAGMA page_size").await;
+    assert_eq!(sizes, [i64::from(PAGE_SIZE); 2]);
 }
