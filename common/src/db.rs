@@ -7,14 +7,17 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod page_cache;
 mod wal_buffer;
 
 /// Returns the connect options for the SQLite file at `path`: WAL journal, so that
 /// readers never wait for the writer, and `synchronous = FULL`, so that a commit
 /// returns only once its WAL frames are flushed to disk (a commit survives a power
 /// loss; DESIGN.md section 4). Files are opened through [`wal_buffer`]'s VFS,
-/// which writes a commit's WAL frames in one call.
+/// which writes a commit's WAL frames in one call, and their pages cached by
+/// [`page_cache`].
 pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
+    page_cache::install();
     let options = SqliteConnectOptions::new();
     let options = match wal_buffer::name() {
         Some(vfs) => options.vfs(vfs),
@@ -49,6 +52,7 @@ pub async fn open_sqlite(path: &Path, max_connections: u32) -> Result<SqlitePool
 ///
 /// Fails when SQLite cannot allocate the database.
 pub async fn open_sqlite_memory() -> Result<SqlitePool, sqlx::Error> {
+    page_cache::install();
     // One connection: every connection to ":memory:" is a database of its own.
     SqlitePoolOptions::new()
         .max_connections(1)
