@@ -362,8 +362,8 @@ mod tests {
     /// A store of 2 KiB pages under this cache: inserts in random key order
     /// (B-tree splits that reorder pages), transactions that grow the file
     /// and roll back, another connection's writes (each drops every cached
-    /// page: a truncation that must be passed on), and the file checks out
-    /// whole with exactly what was committed.
+    /// page: a truncation that must be passed on), a VACUUM that shrinks the
+    /// file, and the file checks out whole with exactly what was committed.
     #[tokio::test]
     async fn a_database_under_the_cache_keeps_what_was_committed() {
         let dir = tempfile::tempdir().unwrap();
@@ -414,6 +414,25 @@ mod tests {
                     .await
                     .unwrap();
                 assert!(changed >= 50, "round {round}: {changed} rows changed");
+            }
+            if round == 30 {
+                // The file shrinks: pages past its new end are dropped.
+                let deleted = sqlx::query("DELETE FROM t WHERE k % 2 = 0")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap()
+                    .rows_affected();
+                committed -= i64::try_from(deleted).unwrap();
+                let pages = async |conn: &mut sqlx::SqliteConnection| -> i64 {
+                    sqlx::query_scalar("PRAGMA page_count")
+                        .fetch_one(conn)
+                        .await
+                        .unwrap()
+                };
+                let before = pages(&mut conn).await;
+                sqlx::raw_sql("VACUUM").execute(&mut conn).await.unwrap();
+                let after = pages(&mut conn).await;
+                assert!(after < before, "{before} pages → {after}");
             }
         }
         let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
