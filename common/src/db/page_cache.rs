@@ -67,88 +67,98 @@ static INNER: OnceLock<Inner> = OnceLock::new();
 pub(crate) fn install() -> bool {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     *INSTALLED.get_or_init(|| {
-        let mut default = ffi::sqlite3_pcache_methods2 {
-            iVersion: 0,
-            pArg: ptr::null_mut(),
-            xInit: None,
-            xShutdown: None,
-            xCreate: None,
-            xCachesize: None,
-            xPagecount: None,
-            xFetch: None,
-            xUnpin: None,
-            xRekey: None,
-            xTruncate: None,
-            xDestroy: None,
-            xShrink: None,
-        };
-        // SAFETY: SQLITE_CONFIG_GETPCACHE2 takes a pointer to a methods
-        // struct to fill; SQLite refuses it once initialised. Every opening
-        // of a connection in this crate calls `install` first, so no other
-        // thread is in SQLite meanwhile (sqlite3_config is not thread-safe).
-        let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &raw mut default) };
-        if rc != ffi::SQLITE_OK {
-            return false;
+        let installed = configure();
+        if !installed {
+            tracing::warn!(
+                "SQLite was initialised before Confab's page cache could be installed: \
+                 commits that split B-tree pages scan SQLite's own cache"
+            );
         }
-        let (
-            Some(create),
-            Some(cachesize),
-            Some(pagecount),
-            Some(fetch),
-            Some(unpin),
-            Some(rekey),
-            Some(truncate),
-            Some(destroy),
-            Some(shrink),
-        ) = (
-            default.xCreate,
-            default.xCachesize,
-            default.xPagecount,
-            default.xFetch,
-            default.xUnpin,
-            default.xRekey,
-            default.xTruncate,
-            default.xDestroy,
-            default.xShrink,
-        )
-        else {
-            return false;
-        };
-        let inner = Inner {
-            create,
-            cachesize,
-            pagecount,
-            fetch,
-            unpin,
-            rekey,
-            truncate,
-            destroy,
-            shrink,
-        };
-        if INNER.set(inner).is_err() {
-            return false;
-        }
-        let methods = ffi::sqlite3_pcache_methods2 {
-            iVersion: 1,
-            // The global ones are the default cache's, with its argument.
-            pArg: default.pArg,
-            xInit: default.xInit,
-            xShutdown: default.xShutdown,
-            xCreate: Some(create_cache),
-            xCachesize: Some(cachesize_cache),
-            xPagecount: Some(pagecount_cache),
-            xFetch: Some(fetch_page),
-            xUnpin: Some(unpin_page),
-            xRekey: Some(rekey_page),
-            xTruncate: Some(truncate_cache),
-            xDestroy: Some(destroy_cache),
-            xShrink: Some(shrink_cache),
-        };
-        // SAFETY: as above; SQLite copies the struct.
-        unsafe {
-            ffi::sqlite3_config(ffi::SQLITE_CONFIG_PCACHE2, &raw const methods) == ffi::SQLITE_OK
-        }
+        installed
     })
+}
+
+/// Gives SQLite this cache, wrapping its own; false when SQLite refuses.
+fn configure() -> bool {
+    let mut default = ffi::sqlite3_pcache_methods2 {
+        iVersion: 0,
+        pArg: ptr::null_mut(),
+        xInit: None,
+        xShutdown: None,
+        xCreate: None,
+        xCachesize: None,
+        xPagecount: None,
+        xFetch: None,
+        xUnpin: None,
+        xRekey: None,
+        xTruncate: None,
+        xDestroy: None,
+        xShrink: None,
+    };
+    // SAFETY: SQLITE_CONFIG_GETPCACHE2 takes a pointer to a methods
+    // struct to fill; SQLite refuses it once initialised. Every opening
+    // of a connection in this crate calls `install` first, so no other
+    // thread is in SQLite meanwhile (sqlite3_config is not thread-safe).
+    let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &raw mut default) };
+    if rc != ffi::SQLITE_OK {
+        return false;
+    }
+    let (
+        Some(create),
+        Some(cachesize),
+        Some(pagecount),
+        Some(fetch),
+        Some(unpin),
+        Some(rekey),
+        Some(truncate),
+        Some(destroy),
+        Some(shrink),
+    ) = (
+        default.xCreate,
+        default.xCachesize,
+        default.xPagecount,
+        default.xFetch,
+        default.xUnpin,
+        default.xRekey,
+        default.xTruncate,
+        default.xDestroy,
+        default.xShrink,
+    )
+    else {
+        return false;
+    };
+    let inner = Inner {
+        create,
+        cachesize,
+        pagecount,
+        fetch,
+        unpin,
+        rekey,
+        truncate,
+        destroy,
+        shrink,
+    };
+    if INNER.set(inner).is_err() {
+        return false;
+    }
+    let methods = ffi::sqlite3_pcache_methods2 {
+        iVersion: 1,
+        // The global ones are the default cache's, with its argument.
+        pArg: default.pArg,
+        xInit: default.xInit,
+        xShutdown: default.xShutdown,
+        xCreate: Some(create_cache),
+        xCachesize: Some(cachesize_cache),
+        xPagecount: Some(pagecount_cache),
+        xFetch: Some(fetch_page),
+        xUnpin: Some(unpin_page),
+        xRekey: Some(rekey_page),
+        xTruncate: Some(truncate_cache),
+        xDestroy: Some(destroy_cache),
+        xShrink: Some(shrink_cache),
+    };
+    // SAFETY: as above; SQLite copies the struct.
+    unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_PCACHE2, &raw const methods) == ffi::SQLITE_OK }
 }
 
 /// One cache: SQLite's, and what this one knows of it. SQLite uses a cache
