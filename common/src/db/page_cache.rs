@@ -299,6 +299,8 @@ unsafe extern "C" fn shrink_cache(this: *mut ffi::sqlite3_pcache) {
 mod tests {
     use std::ffi::c_uint;
 
+    use rand::rngs::StdRng;
+    use rand::{Rng as _, SeedableRng as _};
     use sqlx::{ConnectOptions as _, Connection as _, Row as _};
 
     use super::{
@@ -308,7 +310,7 @@ mod tests {
 
     const PAGE: c_uint = 2048;
 
-    /// Reads the mark [`mark`] left in a page's buffer.
+    /// Reads the number the test wrote at the start of a page's buffer.
     ///
     /// # Safety
     ///
@@ -331,7 +333,7 @@ mod tests {
         // first connection (the default cache's shared state).
         unsafe {
             assert_eq!(ffi::sqlite3_initialize(), ffi::SQLITE_OK);
-            let pcache = create_cache(PAGE as i32, 64, 1);
+            let pcache = create_cache(i32::try_from(PAGE).unwrap(), 64, 1);
             assert!(!pcache.is_null());
             cachesize_cache(pcache, 100);
             for key in 1..=8 {
@@ -387,20 +389,14 @@ mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        let mut state = 0x2545_f491_u64;
-        let mut random = move || {
-            // xorshift64: a fixed sequence, different keys.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        // A fixed sequence of keys in no order.
+        let mut random = StdRng::seed_from_u64(0x2545_f491);
         let mut committed = 0_i64;
         for round in 0..60 {
             let mut tx = conn.begin().await.unwrap();
             let rows = if round % 3 == 2 { 400 } else { 60 };
             for _ in 0..rows {
-                let key = i64::try_from(random() >> 2).unwrap();
+                let key: i64 = random.random_range(0..i64::MAX);
                 sqlx::query("INSERT INTO t (k, v) VALUES (?1, printf('%064d', ?1))")
                     .bind(key)
                     .execute(&mut *tx)
