@@ -28,9 +28,39 @@ pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
         .pragma("temp_store", "memory")
+}
+
+/// How long a statement waits for another connection's lock before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens (creating if needed) the SQLite file at `path` as [`sqlite_options`]
+/// does, as a connection whose statements run on the thread that calls them:
+/// for a serial stage that would otherwise hand every call to sqlx's thread of
+/// the connection and wait to be woken again (the message writer).
+///
+/// # Errors
+///
+/// Fails when the file cannot be opened or created, or a setting not applied.
+pub fn sqlite_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::{Connection, OpenFlags};
+
+    page_cache::install();
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match wal_buffer::name() {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+        None => Connection::open_with_flags(path, flags)?,
+    };
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    Ok(conn)
 }
 
 /// Opens (creating if needed) a pool on the SQLite file at `path`.
@@ -107,6 +137,43 @@ mod tests {
             options.iter().any(|option| option == "DEFAULT_MEMSTATUS=0"),
             "{options:?}"
         );
+    }
+
+    /// A connection of [`super::sqlite_connection`] has the settings of one
+    /// of sqlx's through [`super::sqlite_options`].
+    #[tokio::test]
+    async fn both_openers_agree() {
+        use sqlx::ConnectOptions as _;
+
+        const SETTINGS: [&str; 6] = [
+            "journal_mode",
+            "synchronous",
+            "busy_timeout",
+            "foreign_keys",
+            "temp_store",
+            "cache_size",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let mut sqlx_conn = super::sqlite_options(&path).connect().await.unwrap();
+        let conn = super::sqlite_connection(&path).unwrap();
+        for setting in SETTINGS {
+            let pragma = format!("PRAGMA {setting}");
+            let row = sqlx::query(sqlx::AssertSqlSafe(pragma.clone()))
+                .fetch_one(&mut sqlx_conn)
+                .await
+                .unwrap();
+            // Unchecked: SQLite gives an integer setting as text when asked.
+            let from_sqlx: String = sqlx::Row::try_get_unchecked(&row, 0).unwrap();
+            let own: rusqlite::types::Value =
+                conn.query_row(&pragma, [], |row| row.get(0)).unwrap();
+            let own = match own {
+                rusqlite::types::Value::Integer(value) => value.to_string(),
+                rusqlite::types::Value::Text(value) => value,
+                other => panic!("{setting}: {other:?}"),
+            };
+            assert_eq!(own, from_sqlx, "{setting}");
+        }
     }
 
     /// A statement whose LIMIT is a bound parameter keeps its plan across
