@@ -28,6 +28,9 @@ pub enum StoreError {
     /// An SQL statement failed.
     #[error("sql statement failed")]
     Sql(#[from] sqlx::Error),
+    /// A statement of the SQLite writer's own connection failed.
+    #[error("sqlite statement failed")]
+    Sqlite(#[from] rusqlite::Error),
     /// A stored notice, receipt or read state does not decode.
     #[error("stored protobuf does not decode")]
     Decode(#[from] prost::DecodeError),
@@ -42,8 +45,9 @@ pub enum StoreError {
         /// The user whose sequence would have broken.
         user_id: i64,
     },
-    /// The writer's thread or its runtime could not be started.
-    #[error("the message writer's thread could not be started")]
+    /// A thread of the writer's (its own, its publisher's, the SQLite
+    /// checkpointer's) or its runtime could not be started.
+    #[error("a thread of the message writer could not be started")]
     Start(#[source] std::io::Error),
 }
 
@@ -52,11 +56,18 @@ impl StoreError {
     /// path, a dedup key stored before (or, never expected, a sequence number
     /// taken twice).
     pub fn is_unique_violation(&self) -> bool {
-        matches!(
-            self,
-            Self::Sql(sqlx::Error::Database(error))
-                if error.kind() == sqlx::error::ErrorKind::UniqueViolation
-        )
+        match self {
+            Self::Sql(sqlx::Error::Database(error)) => {
+                error.kind() == sqlx::error::ErrorKind::UniqueViolation
+            }
+            // As sqlx reads SQLite's codes: a unique index or a primary key.
+            Self::Sqlite(rusqlite::Error::SqliteFailure(error, _)) => matches!(
+                error.extended_code,
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            ),
+            _ => false,
+        }
     }
 
     /// Returns whether the failed transaction may simply be run again: the
@@ -346,17 +357,20 @@ pub(crate) struct ReceiptFacts {
 /// open transaction. Every method takes the whole batch, so that a commit costs a
 /// number of statements that does not grow with the number of messages (a
 /// backend splits a call only where its statements have a size limit).
-///
-/// A backend may defer `begin` and the writes to its next statement (SQLite
-/// sends them with the next read or the commit, to save round trips to its
-/// connection's thread): a write the database refuses then fails that later
-/// call instead, and the caller rolls back all the same.
 pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     /// Returns true when other processes write the same store, so the writer must
     /// not cache sequence numbers between transactions and must ask
     /// [`last_seqs`](LogWriter::last_seqs) for every user it numbers in each
     /// transaction (which also locks those users' sequences until the commit).
     fn shared(&self) -> bool {
+        false
+    }
+
+    /// Returns true when every call runs to its end before it returns (its
+    /// future is ready at once): the writer's thread does the store's work
+    /// itself, so nothing overlaps with a call, and the writer answers a
+    /// committed batch before it starts the next one rather than beside it.
+    fn blocking(&self) -> bool {
         false
     }
 
@@ -380,8 +394,7 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<HashMap<i64, u64>, StoreError>>;
 
     /// Inserts new messages; fails (and the caller rolls back) if one repeats the
-    /// (sender, client_msg_id) of a stored message or of another in `messages`,
-    /// here or in the call it is deferred to.
+    /// (sender, client_msg_id) of a stored message or of another in `messages`.
     fn insert_messages<'a>(
         &'a mut self,
         messages: &'a [StoredMessage],

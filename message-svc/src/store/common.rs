@@ -48,7 +48,7 @@ pub(super) use select_messages;
 
 // After the macros above, which its statements use.
 mod statements;
-pub(super) use statements::{Shared, receipt_facts_from_rows, shared_reads, shared_writes};
+pub(super) use statements::{Shared, UNREAD_COUNT, count_from_sql, shared_reads, shared_writes};
 
 /// `user_events.kind` of each event kind (schema.sql,
 /// postgres/migrations/0001_init.sql).

@@ -637,9 +637,10 @@ impl LiveBus for ThreadBus {
     }
 }
 
-/// A writer at [`Home::OwnThread`] commits and publishes on its own thread,
-/// `confab-writer`, not on the caller's runtime, and stops (flipping its done
-/// watch) once every handle is dropped.
+/// A writer at [`Home::OwnThread`] commits on its own thread, not on the
+/// caller's runtime; a blocking store's batches (SQLite's) are published by
+/// the publisher's thread, before their senders are answered. The writer
+/// stops (flipping its done watch) once every handle is dropped.
 #[tokio::test]
 async fn a_writer_of_its_own_thread_commits_there_and_stops() {
     let dir = tempfile::tempdir().unwrap();
@@ -651,7 +652,7 @@ async fn a_writer_of_its_own_thread_commits_there_and_stops() {
         .await
         .unwrap();
     assert!(!sent.duplicate);
-    assert_eq!(*bus.threads.lock(), [Some("confab-writer".to_owned())]);
+    assert_eq!(*bus.threads.lock(), [Some("confab-publish".to_owned())]);
     assert_eq!(all_events(&store, 2).await.len(), 1);
     drop(handle);
     done.wait_for(|done| *done).await.unwrap();

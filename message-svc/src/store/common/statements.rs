@@ -225,17 +225,13 @@ where
         user_id: i64,
         cap: u32,
     ) -> Result<u32, StoreError> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-             WHERE conversation_id = $1 AND id > $2 AND sender_id <> $3 AND notice IS NULL \
-             LIMIT $4) AS capped",
-        )
-        .bind(conversation_id)
-        .bind(after)
-        .bind(user_id)
-        .bind(i64::from(cap))
-        .fetch_one(executor)
-        .await?;
+        let count: i64 = sqlx::query_scalar(UNREAD_COUNT)
+            .bind(conversation_id)
+            .bind(after)
+            .bind(user_id)
+            .bind(i64::from(cap))
+            .fetch_one(executor)
+            .await?;
         Ok(count_from_sql(count, cap))
     }
 
@@ -272,8 +268,15 @@ where
     }
 }
 
+/// The count of [`Shared::count_unread`], parameters (conversation id, after,
+/// user id, cap) in that order: also the SQLite writer's, which binds them by
+/// position.
+pub(crate) const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
+     WHERE conversation_id = $1 AND id > $2 AND sender_id <> $3 AND notice IS NULL \
+     LIMIT $4) AS capped";
+
 /// Counts as a `u32`, saturating.
-fn count_from_sql(count: i64, cap: u32) -> u32 {
+pub(crate) fn count_from_sql(count: i64, cap: u32) -> u32 {
     u32::try_from(count).unwrap_or(cap)
 }
 
@@ -332,7 +335,7 @@ where
 
 /// Gathers the rows of [`push_receipt_facts`] statements into the facts of
 /// `count` queries numbered from 0.
-pub(crate) fn receipt_facts_from_rows(
+fn receipt_facts_from_rows(
     count: usize,
     rows: Vec<(i64, i64, i64)>,
     cap: u32,

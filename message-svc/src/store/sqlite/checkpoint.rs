@@ -4,8 +4,8 @@
 //! pages: that commit then also copies the WAL's pages into the database file
 //! and flushes the file, and every send of the group commit waits for it (under
 //! one-to-one load, every few commits). The writer's connection turns that
-//! off (`wal_autocheckpoint = 0`); this task checkpoints instead, on a
-//! connection (and so a thread) of its own, while the writer goes on appending:
+//! off (`wal_autocheckpoint = 0`); this thread checkpoints instead, on a
+//! connection of its own, while the writer goes on appending:
 //! a `PASSIVE` checkpoint never blocks the writer, and the writer starts the WAL
 //! over once a checkpoint has copied all of it. Checkpoints at most every
 //! [`INTERVAL`] let a page written by many commits be copied once.
@@ -27,10 +27,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
-use sqlx::sqlite::SqliteConnection;
-use tokio::sync::{mpsc, watch};
+use rusqlite::Connection;
+use tokio::sync::watch;
 
 /// The shortest time between two checkpoints.
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -51,7 +52,7 @@ const RESTART_FRAMES: i64 = 32_768;
 /// The writer's side: tells the checkpointer that the WAL has new frames.
 #[derive(Debug)]
 pub(super) struct Checkpoints {
-    commits: mpsc::Sender<()>,
+    commits: mpsc::SyncSender<()>,
     /// Set when a checkpoint found more than [`CATCH_UP_FRAMES`] in the WAL.
     catch_up: Arc<AtomicBool>,
     /// Checkpoints completed; the tests wait on it.
@@ -61,28 +62,30 @@ pub(super) struct Checkpoints {
 
 impl Checkpoints {
     /// Starts the checkpointer on `conn` (a connection of its own to the
-    /// store's file); it stops when this handle is dropped.
-    pub(super) fn start(conn: SqliteConnection) -> Self {
+    /// store's file), on a thread of its own (`confab-checkpoint`); it stops
+    /// when this handle is dropped.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the thread cannot be started.
+    pub(super) fn start(conn: Connection) -> std::io::Result<Self> {
         Self::start_with(conn, CATCH_UP_FRAMES)
     }
 
     /// As [`Self::start`], asking for a catch-up past `catch_up_frames`.
-    fn start_with(conn: SqliteConnection, catch_up_frames: i64) -> Self {
-        let (commits, wake) = mpsc::channel(1);
+    fn start_with(conn: Connection, catch_up_frames: i64) -> std::io::Result<Self> {
+        let (commits, wake) = mpsc::sync_channel(1);
         let (done_tx, done) = watch::channel(0);
         let catch_up = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(
-            conn,
-            wake,
-            catch_up_frames,
-            Arc::clone(&catch_up),
-            done_tx,
-        ));
-        Self {
+        let flag = Arc::clone(&catch_up);
+        std::thread::Builder::new()
+            .name("confab-checkpoint".to_owned())
+            .spawn(move || run(&conn, &wake, catch_up_frames, &flag, &done_tx))?;
+        Ok(Self {
             commits,
             catch_up,
             done,
-        }
+        })
     }
 
     /// Whether the writer should [`catch_up`] before its next transaction;
@@ -103,15 +106,18 @@ impl Checkpoints {
     }
 }
 
-async fn run(
-    mut conn: SqliteConnection,
-    mut wake: mpsc::Receiver<()>,
+/// Checkpoints after each wake-up, at most every [`INTERVAL`], until the
+/// writer's handle is dropped; the connection then closes (the last one to
+/// close checkpoints what is left).
+fn run(
+    conn: &Connection,
+    wake: &mpsc::Receiver<()>,
     catch_up_frames: i64,
-    catch_up: Arc<AtomicBool>,
-    done: watch::Sender<u64>,
+    catch_up: &AtomicBool,
+    done: &watch::Sender<u64>,
 ) {
-    while wake.recv().await.is_some() {
-        match checkpoint(&mut conn, RESTART_FRAMES).await {
+    while wake.recv().is_ok() {
+        match checkpoint(conn, RESTART_FRAMES) {
             Ok(frames) => {
                 metrics::gauge!("confab_message_wal_frames").set(frames as f64);
                 if frames > catch_up_frames {
@@ -121,26 +127,21 @@ async fn run(
             }
             Err(error) => tracing::warn!(%error, "checkpoint of the message store failed"),
         }
-        tokio::time::sleep(INTERVAL).await;
+        // A pause, not a wait for an event: checkpoints are spaced so that a
+        // page written by many commits is copied once.
+        std::thread::sleep(INTERVAL);
     }
-    // The last connection to close checkpoints what is left.
-    let _ = sqlx::Connection::close(conn).await;
 }
 
 /// Copies the WAL into the database file, waiting for the writer when the WAL
 /// holds more than `restart_frames`; returns the frames the WAL held.
-async fn checkpoint(conn: &mut SqliteConnection, restart_frames: i64) -> Result<i64, sqlx::Error> {
-    let (_busy, frames, _copied): (i64, i64, i64) =
-        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&mut *conn)
-            .await?;
+fn checkpoint(conn: &Connection, restart_frames: i64) -> rusqlite::Result<i64> {
+    let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))?;
     if frames > restart_frames {
         // Counted, not logged: under a sustained overload this is every
         // checkpoint.
         metrics::counter!("confab_message_wal_restarts_total").increment(1);
-        sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-            .execute(&mut *conn)
-            .await?;
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
     }
     Ok(frames)
 }
@@ -153,51 +154,53 @@ async fn checkpoint(conn: &mut SqliteConnection, restart_frames: i64) -> Result<
 /// # Errors
 ///
 /// Fails when the checkpoint fails; nothing is lost, the WAL only stays longer.
-pub(super) async fn catch_up(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+pub(super) fn catch_up(conn: &Connection) -> rusqlite::Result<()> {
     metrics::counter!("confab_message_wal_catch_ups_total").increment(1);
-    checkpoint(conn, i64::MAX).await.map(drop)
+    checkpoint(conn, i64::MAX).map(drop)
 }
 
 #[cfg(test)]
 mod tests {
-    use sqlx::ConnectOptions as _;
+    use std::path::{Path, PathBuf};
 
     use super::*;
 
-    /// Options for a database in `dir`, and a connection to it that writes as
+    /// The path of a database in `dir`, and a connection to it that writes as
     /// the message writer's does (no checkpoints of its own), with a table `t`.
-    async fn writer(
-        dir: &tempfile::TempDir,
-    ) -> (sqlx::sqlite::SqliteConnectOptions, SqliteConnection) {
-        let options = confab_common::db::sqlite_options(&dir.path().join("w.db"));
-        let mut writer = options.connect().await.unwrap();
-        sqlx::raw_sql("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x INTEGER)")
-            .execute(&mut writer)
-            .await
+    fn writer(dir: &tempfile::TempDir) -> (PathBuf, Connection) {
+        let path = dir.path().join("w.db");
+        let writer = confab_common::db::sqlite_connection(&path).unwrap();
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x INTEGER)")
             .unwrap();
-        (options, writer)
+        (path, writer)
     }
+
+    /// A connection to the database at `path`.
+    fn open(path: &Path) -> Connection {
+        confab_common::db::sqlite_connection(path).unwrap()
+    }
+
+    const INSERT: &str = "INSERT INTO t VALUES (1)";
 
     /// A complete checkpoint lets the next write start the WAL over; past the
     /// limit the checkpoint is a RESTART one, after which the same holds.
-    #[tokio::test]
-    async fn the_wal_starts_over_after_a_checkpoint() {
+    #[test]
+    fn the_wal_starts_over_after_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let (options, mut writer) = writer(&dir).await;
-        let insert = "INSERT INTO t VALUES (1)";
+        let (path, writer) = writer(&dir);
         for _ in 0..3 {
-            sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
+            writer.execute(INSERT, []).unwrap();
         }
-        let mut checkpointer = options.connect().await.unwrap();
-        let frames = checkpoint(&mut checkpointer, i64::MAX).await.unwrap();
+        let checkpointer = open(&path);
+        let frames = checkpoint(&checkpointer, i64::MAX).unwrap();
         assert!(frames >= 3, "{frames} frames");
-        sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
-        assert_eq!(checkpoint(&mut checkpointer, 0).await.unwrap(), 1);
-        sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
-        assert_eq!(checkpoint(&mut checkpointer, i64::MAX).await.unwrap(), 1);
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
-            .fetch_one(&mut checkpointer)
-            .await
+        writer.execute(INSERT, []).unwrap();
+        assert_eq!(checkpoint(&checkpointer, 0).unwrap(), 1);
+        writer.execute(INSERT, []).unwrap();
+        assert_eq!(checkpoint(&checkpointer, i64::MAX).unwrap(), 1);
+        let rows: i64 = checkpointer
+            .query_row("SELECT COUNT(*) FROM t", [], |row| row.get(0))
             .unwrap();
         assert_eq!(rows, 5);
     }
@@ -208,9 +211,8 @@ mod tests {
     #[tokio::test]
     async fn a_catch_up_lets_the_writer_start_the_wal_over() {
         let dir = tempfile::tempdir().unwrap();
-        let (options, mut writer) = writer(&dir).await;
-        let insert = "INSERT INTO t VALUES (1)";
-        let mut checkpoints = Checkpoints::start_with(options.connect().await.unwrap(), 100);
+        let (path, writer) = writer(&dir);
+        let mut checkpoints = Checkpoints::start_with(open(&path), 100).unwrap();
         checkpoints.committed();
         checkpoints.completed(1).await;
         assert!(
@@ -218,9 +220,9 @@ mod tests {
             "a short WAL is under the limit"
         );
 
-        let mut checkpoints = Checkpoints::start_with(options.connect().await.unwrap(), 2);
+        let mut checkpoints = Checkpoints::start_with(open(&path), 2).unwrap();
         for _ in 0..3 {
-            sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
+            writer.execute(INSERT, []).unwrap();
         }
         checkpoints.committed();
         checkpoints.completed(1).await;
@@ -230,11 +232,10 @@ mod tests {
         // Appended after the checkpoint, as during one under load: frames it
         // did not copy.
         for _ in 0..3 {
-            sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
+            writer.execute(INSERT, []).unwrap();
         }
-        catch_up(&mut writer).await.unwrap();
-        sqlx::raw_sql(insert).execute(&mut writer).await.unwrap();
-        let mut other = options.connect().await.unwrap();
-        assert_eq!(checkpoint(&mut other, i64::MAX).await.unwrap(), 1);
+        catch_up(&writer).unwrap();
+        writer.execute(INSERT, []).unwrap();
+        assert_eq!(checkpoint(&open(&path), i64::MAX).unwrap(), 1);
     }
 }
