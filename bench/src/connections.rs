@@ -31,6 +31,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::client::{Servers, Transport};
+use crate::procfs::{TICKS_PER_S, cpu_ticks};
 use crate::report::{RunResult, kib_field};
 
 pub(crate) mod worker;
@@ -51,9 +52,6 @@ const STOP_LIMIT: Duration = Duration::from_secs(60);
 
 /// The kernel's page size, in which /proc/net/sockstat counts memory.
 const PAGE_BYTES: u64 = 4096;
-
-/// Clock ticks per second of /proc/PID/stat (`USER_HZ`, 100 on Linux).
-const TICKS_PER_S: f64 = 100.0;
 
 /// Arguments of the connections scenario.
 #[derive(Debug, clap::Args, Serialize)]
@@ -482,22 +480,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
     kib_field(&status, "VmRSS:")
 }
 
-/// Returns a process's user plus system CPU time in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_cpu_ticks(&stat)
-}
-
-/// Returns `utime + stime` from the text of /proc/PID/stat (fields 14 and 15;
-/// the command name in parentheses may hold spaces, so count after its `)`).
-fn stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
 /// Returns the kernel's TCP socket memory in pages (`TCP: ... mem N`).
 fn tcp_mem_pages() -> Option<u64> {
     sockstat_tcp_mem(&std::fs::read_to_string("/proc/net/sockstat").ok()?)
@@ -521,12 +503,6 @@ mod tests {
             "sockets: used 290\nTCP: inuse 12 orphan 0 tw 3 alloc 15 mem 7\nUDP: inuse 1 mem 2\n";
         assert_eq!(sockstat_tcp_mem(sockstat), Some(7));
         assert_eq!(sockstat_tcp_mem("UDP: inuse 1 mem 2\n"), None);
-    }
-
-    #[test]
-    fn cpu_ticks_skip_a_command_name_with_spaces() {
-        let stat = "42 (tokio runtime) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0";
-        assert_eq!(stat_cpu_ticks(stat), Some(300));
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod group;
 mod history;
 mod one_to_one;
 mod plot;
+mod procfs;
 mod reconnect;
 mod report;
 mod suite;

@@ -28,6 +28,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tonic::transport::Channel;
 
 use crate::client::{Live, Servers, Transport, authorized};
+use crate::procfs::{self, ThreadCpu};
 use crate::report::{Percentiles, RunResult, histogram};
 
 /// Arguments of the one-to-one scenario.
@@ -51,6 +52,11 @@ pub(crate) struct Args {
     /// receipt event for the sender.
     #[arg(long)]
     receipts: bool,
+    /// The server's process id, when it runs on this machine: the run then
+    /// reports the CPU each group of its threads used per message while
+    /// sending (from /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 /// Latencies in microseconds, merged from every connection.
@@ -104,6 +110,7 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
             pair.connect(args.transport, sender_server, receiver_server)
         }))
         .await?;
+    let ticks_before = args.server_pid.and_then(procfs::thread_ticks);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, pair) in connected.into_iter().enumerate() {
@@ -115,8 +122,15 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         task.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let ticks_after = args.server_pid.and_then(procfs::thread_ticks);
     let recorder = recorder.lock().await;
     let delivered = recorder.delivered.len();
+    let server_cpu = match (ticks_before, ticks_after) {
+        (Some(before), Some(after)) => {
+            Some(procfs::thread_cpu(&before, &after, delivered, elapsed))
+        }
+        _ => None,
+    };
     println!(
         "one-to-one over {}: {} pairs, offered {} msg/s, {} delivered in {elapsed:.1} s = {:.0} msg/s",
         args.transport.name(),
@@ -130,9 +144,13 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         delivered_per_s: delivered as f64 / elapsed,
         sent: Percentiles::of(&recorder.sent),
         delivered_latency: Percentiles::of(&recorder.delivered),
+        server_cpu,
     };
     println!("  send->sent      {}", figures.sent.line());
     println!("  send->delivered {}", figures.delivered_latency.line());
+    if let Some(cpu) = &figures.server_cpu {
+        println!("  server CPU      {}", procfs::cpu_line(cpu));
+    }
     RunResult::new("one-to-one", &args, &figures)
 }
 
@@ -145,6 +163,10 @@ struct Figures {
     sent: Percentiles,
     /// From the scheduled send to the arrival at the peer.
     delivered_latency: Percentiles,
+    /// The server's CPU while sending, per group of threads (with
+    /// `--server-pid`; a group that used less than a clock tick is left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu: Option<Vec<ThreadCpu>>,
 }
 
 /// Returns each pair's send interval and message count for `rate` messages per

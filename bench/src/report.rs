@@ -211,7 +211,8 @@ impl RunResult {
     }
 }
 
-/// Appends one table row per leaf of `value`, nested keys joined with dots.
+/// Appends one table row per leaf of `value`, nested keys (and the indexes of
+/// array items) joined with dots.
 fn push_rows(text: &mut String, prefix: &str, value: &serde_json::Value) {
     match value {
         serde_json::Value::Object(fields) => {
@@ -222,6 +223,11 @@ fn push_rows(text: &mut String, prefix: &str, value: &serde_json::Value) {
                     format!("{prefix}.{key}")
                 };
                 push_rows(text, &name, field);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                push_rows(text, &format!("{prefix}.{i}"), item);
             }
         }
         serde_json::Value::Number(number) => match number.as_f64() {
@@ -327,12 +333,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let figures = serde_json::json!({
             "delivered_latency": { "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0 },
+            "server_cpu": [{ "threads": "confab-writer", "micros_per_message": 30.5 }],
         });
         RunResult::new("one-to-one", &serde_json::json!({ "rate": 100 }), &figures)
             .unwrap()
             .write(dir.path())
             .unwrap();
         let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        // An array's items are rows of their own, by index.
+        assert!(
+            report.contains("| server_cpu.0.threads | \"confab-writer\" |"),
+            "{report}"
+        );
+        assert!(
+            report.contains("| server_cpu.0.micros_per_message | 30.50 |"),
+            "{report}"
+        );
         let link = format!("![{0}]({0})", crate::suite::LATENCY_PNG);
         assert!(report.contains(&link), "{report}");
         assert!(dir.path().join(crate::suite::LATENCY_PNG).exists());

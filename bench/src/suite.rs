@@ -197,6 +197,23 @@ fn whole(value: &Value) -> String {
         .map_or_else(|| "-".into(), |v| format!("{v:.0}"))
 }
 
+/// Returns `; server CPU N µs/msg (busiest: name M)` for the `server_cpu` of
+/// a one-to-one run, or nothing when it has none.
+fn server_cpu(groups: &Value) -> String {
+    let Some(groups) = groups.as_array().filter(|groups| !groups.is_empty()) else {
+        return String::new();
+    };
+    let micros = |group: &Value| group["micros_per_message"].as_f64().unwrap_or(0.0);
+    let total: f64 = groups.iter().map(micros).sum();
+    // The groups are stored busiest first.
+    let busiest = &groups[0];
+    format!(
+        "; server CPU {total:.0} µs/msg (busiest: {} {:.0})",
+        busiest["threads"].as_str().unwrap_or("?"),
+        micros(busiest)
+    )
+}
+
 /// Returns one row of the suite table: scenario, what was asked, what came out.
 pub(crate) fn row(run: &Value) -> [String; 3] {
     let p = &run["parameters"];
@@ -217,13 +234,14 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
                 }
             ),
             format!(
-                "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms",
+                "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms{}",
                 whole(&f["delivered_per_s"]),
                 ms(&f["delivered_latency"]["p50_ms"]),
                 ms(&f["delivered_latency"]["p90_ms"]),
                 ms(&f["delivered_latency"]["p99_ms"]),
                 ms(&f["delivered_latency"]["max_ms"]),
                 ms(&f["sent"]["p99_ms"]),
+                server_cpu(&f["server_cpu"]),
             ),
         ),
         "group" => (
@@ -534,6 +552,21 @@ mod tests {
         assert!(
             lines[3].contains("server 9000 B/conn, kernel TCP - B/conn; idle CPU 1.5"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn a_one_to_one_row_names_the_server_cpu_when_measured() {
+        let mut run = one_to_one(1, 500, 1.0, 3.0);
+        assert!(!row(&run)[2].contains("server CPU"));
+        run["figures"]["server_cpu"] = json!([
+            { "threads": "confab-writer", "micros_per_message": 30.4, "cores": 0.3 },
+            { "threads": "tokio-rt-worker", "micros_per_message": 20.0, "cores": 0.2 },
+        ]);
+        assert!(
+            row(&run)[2].ends_with("; server CPU 50 µs/msg (busiest: confab-writer 30)"),
+            "{}",
+            row(&run)[2]
         );
     }
 

@@ -110,7 +110,11 @@ fn server_pid(data_dir: &Path) -> Option<u32> {
 /// server and checks that it delivered every scheduled message and reports both
 /// latencies.
 async fn one_to_one(transport: &str, extra: &[&str]) -> Result<(Server, Value)> {
-    let server = server().await?;
+    one_to_one_on(server().await?, transport, extra).await
+}
+
+/// As [`one_to_one`], against `server`.
+async fn one_to_one_on(server: Server, transport: &str, extra: &[&str]) -> Result<(Server, Value)> {
     let mut args = vec![
         "--pairs",
         "2",
@@ -142,10 +146,27 @@ fn metric(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// Pins that `one-to-one` delivers every scheduled message and reports both latencies.
+/// Pins that `one-to-one` delivers every scheduled message and reports both
+/// latencies, and with `--server-pid` the server's CPU per group of threads.
 #[tokio::test]
 async fn one_to_one_reports_latency_percentiles() -> Result<()> {
-    one_to_one("grpc", &[]).await?;
+    let server = server().await?;
+    let pid = server_pid(&server.data_dir())
+        .context("the server's process")?
+        .to_string();
+    let (_server, result) = one_to_one_on(server, "grpc", &["--server-pid", &pid]).await?;
+    let groups = result["figures"]["server_cpu"]
+        .as_array()
+        .with_context(|| format!("no server_cpu in {result}"))?;
+    for group in groups {
+        assert!(group["threads"].is_string(), "{result}");
+        assert!(
+            group["micros_per_message"]
+                .as_f64()
+                .is_some_and(|micros| micros > 0.0),
+            "{result}"
+        );
+    }
     Ok(())
 }
 
