@@ -24,9 +24,9 @@ pub(crate) fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// CPU ticks of a process's threads so far, summed by thread name (the
-/// kernel's `comm`, at most 15 bytes: the tokio workers are one entry).
-pub(crate) type ThreadTicks = BTreeMap<String, u64>;
+/// CPU ticks of a process's threads so far, by thread id: each thread's name
+/// (the kernel's `comm`, at most 15 bytes) and ticks.
+pub(crate) type ThreadTicks = BTreeMap<u32, (String, u64)>;
 
 /// Reads [`ThreadTicks`] of process `pid`; `None` when it cannot be read (no
 /// such process, or not on this machine). A thread that ends meanwhile is
@@ -35,6 +35,12 @@ pub(crate) fn thread_ticks(pid: u32) -> Option<ThreadTicks> {
     let mut ticks = ThreadTicks::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let path = task.ok()?.path();
+        let Some(tid) = path
+            .file_name()
+            .and_then(|name| name.to_str()?.parse().ok())
+        else {
+            continue;
+        };
         let (Ok(comm), Ok(stat)) = (
             std::fs::read_to_string(path.join("comm")),
             std::fs::read_to_string(path.join("stat")),
@@ -42,7 +48,7 @@ pub(crate) fn thread_ticks(pid: u32) -> Option<ThreadTicks> {
             continue;
         };
         if let Some(used) = stat_cpu_ticks(&stat) {
-            *ticks.entry(comm.trim_end().to_owned()).or_default() += used;
+            ticks.insert(tid, (comm.trim_end().to_owned(), used));
         }
     }
     Some(ticks)
@@ -59,30 +65,33 @@ pub(crate) struct ThreadCpu {
     pub(crate) cores: f64,
 }
 
-/// Returns the CPU each group of threads used between `before` and `after`
-/// (threads new since `before` count from 0), per message of `messages` and
-/// in cores over `seconds`, the busiest first; groups that used none are left
-/// out.
+/// Returns the CPU each group of threads of one name used between `before`
+/// and `after`, per message of `messages` and in cores over `seconds`, the
+/// busiest first; groups that used none are left out. Each thread counts
+/// what it used since `before` (from 0 when it is new); a thread that ended
+/// meanwhile is not counted (tokio's blocking threads come and go under the
+/// workers' name).
 pub(crate) fn thread_cpu(
     before: &ThreadTicks,
     after: &ThreadTicks,
     messages: u64,
     seconds: f64,
 ) -> Vec<ThreadCpu> {
-    let mut used: Vec<(&String, u64)> = after
-        .iter()
-        .map(|(name, &ticks)| {
-            let earlier = before.get(name).copied().unwrap_or(0);
-            (name, ticks.saturating_sub(earlier))
-        })
-        .filter(|&(_, ticks)| ticks > 0)
-        .collect();
+    let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
+    for (tid, (name, ticks)) in after {
+        let earlier = before
+            .get(tid)
+            .filter(|(was, _)| was == name)
+            .map_or(0, |&(_, ticks)| ticks);
+        *by_name.entry(name).or_default() += ticks.saturating_sub(earlier);
+    }
+    let mut used: Vec<(&str, u64)> = by_name.into_iter().filter(|&(_, t)| t > 0).collect();
     used.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     used.into_iter()
         .map(|(name, ticks)| {
             let cpu_seconds = ticks as f64 / TICKS_PER_S;
             ThreadCpu {
-                threads: name.clone(),
+                threads: name.to_owned(),
                 micros_per_message: cpu_seconds * 1e6 / messages.max(1) as f64,
                 cores: cpu_seconds / seconds,
             }
@@ -116,18 +125,29 @@ mod tests {
         assert_eq!(stat_cpu_ticks(stat), Some(300));
     }
 
+    fn ticks(threads: &[(u32, &str, u64)]) -> ThreadTicks {
+        threads
+            .iter()
+            .map(|&(tid, name, used)| (tid, (name.to_owned(), used)))
+            .collect()
+    }
+
     #[test]
     fn thread_cpu_is_per_group_and_message_busiest_first() {
-        let before = ThreadTicks::from([
-            ("tokio-rt-worker".to_owned(), 100),
-            ("confab-writer".to_owned(), 50),
-            ("idle".to_owned(), 7),
+        let before = ticks(&[
+            (1, "tokio-rt-worker", 60),
+            (2, "tokio-rt-worker", 40),
+            (3, "confab-writer", 50),
+            (4, "idle", 7),
+            // A blocking thread under the workers' name, gone by the end.
+            (5, "tokio-rt-worker", 900),
         ]);
-        let after = ThreadTicks::from([
-            ("tokio-rt-worker".to_owned(), 300),
-            ("confab-writer".to_owned(), 450),
-            ("idle".to_owned(), 7),
-            ("confab-publish".to_owned(), 20),
+        let after = ticks(&[
+            (1, "tokio-rt-worker", 160),
+            (2, "tokio-rt-worker", 140),
+            (3, "confab-writer", 450),
+            (4, "idle", 7),
+            (6, "confab-publish", 20),
         ]);
         let cpu = thread_cpu(&before, &after, 10_000, 2.0);
         let names: Vec<&str> = cpu.iter().map(|group| group.threads.as_str()).collect();
@@ -138,11 +158,23 @@ mod tests {
         // 400 ticks = 4 s of CPU over 10,000 messages and 2 s.
         assert_eq!(cpu[0].micros_per_message, 400.0);
         assert_eq!(cpu[0].cores, 2.0);
+        assert_eq!(cpu[1].micros_per_message, 200.0);
         assert_eq!(cpu[2].micros_per_message, 20.0);
         assert_eq!(
             cpu_line(&cpu[2..]),
             "20.0 µs a message: confab-publish 20.0 µs (0.10 cores)"
         );
+    }
+
+    /// A thread id reused by a new thread of another name counts from 0.
+    #[test]
+    fn a_reused_thread_id_counts_from_zero() {
+        let before = ticks(&[(7, "tokio-rt-worker", 500)]);
+        let after = ticks(&[(7, "confab-publish", 30)]);
+        let cpu = thread_cpu(&before, &after, 100, 1.0);
+        assert_eq!(cpu.len(), 1);
+        assert_eq!(cpu[0].threads, "confab-publish");
+        assert_eq!(cpu[0].micros_per_message, 3_000.0);
     }
 
     /// This process's own threads are read, named as the kernel names them.
@@ -160,7 +192,10 @@ mod tests {
             .unwrap();
         running.recv().unwrap();
         let ticks = thread_ticks(std::process::id()).unwrap();
-        assert!(ticks.contains_key("bench-probe"), "{ticks:?}");
+        assert!(
+            ticks.values().any(|(name, _)| name == "bench-probe"),
+            "{ticks:?}"
+        );
         drop(stop);
         worker.join().unwrap();
     }
