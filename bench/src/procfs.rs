@@ -34,7 +34,10 @@ pub(crate) type ThreadTicks = BTreeMap<u32, (String, u64)>;
 pub(crate) fn thread_ticks(pid: u32) -> Option<ThreadTicks> {
     let mut ticks = ThreadTicks::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let path = task.ok()?.path();
+        let Ok(task) = task else {
+            continue;
+        };
+        let path = task.path();
         let Some(tid) = path
             .file_name()
             .and_then(|name| name.to_str()?.parse().ok())

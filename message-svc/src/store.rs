@@ -354,9 +354,10 @@ pub(crate) struct ReceiptFacts {
 ///
 /// Every write happens between [`begin`](LogWriter::begin) and
 /// [`commit`](LogWriter::commit); reads through this trait see the writes of the
-/// open transaction. Every method takes the whole batch, so that a commit costs a
-/// number of statements that does not grow with the number of messages (a
-/// backend splits a call only where its statements have a size limit).
+/// open transaction. Every method takes the whole batch, so that a backend whose
+/// every call is a round trip (PostgreSQL) makes a number of calls that does not
+/// grow with the number of messages; SQLite, whose statements run on the
+/// caller's thread, steps one prepared statement per row instead.
 pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
     /// Returns true when other processes write the same store, so the writer must
     /// not cache sequence numbers between transactions and must ask
@@ -368,8 +369,9 @@ pub(crate) trait LogWriter: Send + std::fmt::Debug + 'static {
 
     /// Returns true when every call runs to its end before it returns (its
     /// future is ready at once): the writer's thread does the store's work
-    /// itself, so nothing overlaps with a call, and the writer answers a
-    /// committed batch before it starts the next one rather than beside it.
+    /// itself, so nothing else runs there during a call, and the writer hands
+    /// each committed batch to a thread of its own to publish and answer
+    /// (`writer::Publisher`).
     fn blocking(&self) -> bool {
         false
     }

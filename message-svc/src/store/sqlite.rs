@@ -539,22 +539,19 @@ impl LogWriter for SqliteLogWriter {
         leaves: &'a [(i64, i64)],
         drop_receipts: bool,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let recorded = self.write_each(
+        let mut written = self.write_each(
             sql::RECORD_LEAVE,
             leaves,
             |statement, &(user_id, last_visible_id)| {
                 statement.execute(params![conversation_id, user_id, last_visible_id])
             },
         );
-        let dropped = || {
-            if !drop_receipts {
-                return Ok(());
-            }
-            self.write_each(sql::DELETE_RECEIPTS, leaves, |statement, &(user_id, _)| {
+        if drop_receipts && written.is_ok() {
+            written = self.write_each(sql::DELETE_RECEIPTS, leaves, |statement, &(user_id, _)| {
                 statement.execute(params![conversation_id, user_id])
-            })
-        };
-        ready(recorded.and_then(|()| dropped()))
+            });
+        }
+        ready(written)
     }
 
     fn clear_leaves<'a>(
