@@ -7,8 +7,26 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+mod malloc;
 mod page_cache;
 mod wal_buffer;
+
+/// Gives SQLite, once per process and before its first connection, the
+/// allocator ([`malloc`]) and page cache ([`page_cache`]) every connection
+/// uses: SQLite takes both only before it is initialised. Every way this
+/// module opens a connection calls it first.
+fn configure() {
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        if !malloc::install() {
+            tracing::warn!(
+                "SQLite was initialised before Confab could configure it: \
+                 it allocates with the C library's malloc"
+            );
+        }
+        page_cache::install();
+    });
+}
 
 /// Returns the connect options for the SQLite file at `path`: WAL journal, so that
 /// readers never wait for the writer, and `synchronous = FULL`, so that a commit
@@ -17,7 +35,7 @@ mod wal_buffer;
 /// which writes a commit's WAL frames in one call, and their pages cached by
 /// [`page_cache`].
 pub fn sqlite_options(path: &Path) -> SqliteConnectOptions {
-    page_cache::install();
+    configure();
     let options = SqliteConnectOptions::new();
     let options = match wal_buffer::name() {
         Some(vfs) => options.vfs(vfs),
@@ -47,7 +65,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn sqlite_connection(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     use rusqlite::{Connection, OpenFlags};
 
-    page_cache::install();
+    configure();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -82,7 +100,7 @@ pub async fn open_sqlite(path: &Path, max_connections: u32) -> Result<SqlitePool
 ///
 /// Fails when SQLite cannot allocate the database.
 pub async fn open_sqlite_memory() -> Result<SqlitePool, sqlx::Error> {
-    page_cache::install();
+    configure();
     // One connection: every connection to ":memory:" is a database of its own.
     SqlitePoolOptions::new()
         .max_connections(1)
