@@ -30,6 +30,11 @@ use divan::counter::ItemsCount;
 use divan::{Bencher, black_box};
 use tonic::Request;
 
+/// The `confab` binary's allocator, so that the figures are the server's
+/// (SQLite allocates through it too, by `confab_common::db`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     divan::main();
 }
