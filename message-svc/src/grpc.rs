@@ -47,7 +47,11 @@ pub(crate) fn receipts_response(
 
 #[tonic::async_trait]
 impl Messages for MessageService {
-    #[instrument(skip_all, fields(sender_id = request.get_ref().sender_id, conversation_id = request.get_ref().conversation_id))]
+    // The two calls made for every message and receipt have their spans at
+    // DEBUG: no event is logged inside them, and at INFO the fmt layer still
+    // formatted each span's fields (1.5 % of the server's CPU samples at
+    // 12,000 msg/s over WebSocket, `perf`, 2026-12-07).
+    #[instrument(level = "debug", skip_all, fields(sender_id = request.get_ref().sender_id, conversation_id = request.get_ref().conversation_id))]
     async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
         let request = request.into_inner();
         let input = SendInput {
@@ -128,7 +132,7 @@ impl Messages for MessageService {
         Ok(Response::new(notice_response(written)))
     }
 
-    #[instrument(skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
+    #[instrument(level = "debug", skip_all, fields(user_id = request.get_ref().user_id, conversation_id = request.get_ref().conversation_id))]
     async fn update_receipts(
         &self,
         request: Request<UpdateReceiptsRequest>,
