@@ -28,7 +28,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tonic::transport::Channel;
 
 use crate::client::{Live, Servers, Transport, authorized};
-use crate::procfs::{self, ThreadCpu};
+use crate::procfs::{self, MachineCpu, ThreadCpu};
 use crate::report::{Percentiles, RunResult, histogram};
 
 /// Arguments of the one-to-one scenario.
@@ -111,6 +111,8 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         }))
         .await?;
     let ticks_before = args.server_pid.and_then(procfs::thread_ticks);
+    let machine_before = procfs::machine_ticks();
+    let bench_before = procfs::cpu_ticks(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, pair) in connected.into_iter().enumerate() {
@@ -123,8 +125,16 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ticks_after = args.server_pid.and_then(procfs::thread_ticks);
+    let machine_after = procfs::machine_ticks();
+    let bench_after = procfs::cpu_ticks(std::process::id());
     let recorder = recorder.lock().await;
     let delivered = recorder.delivered.len();
+    let machine = machine_before
+        .zip(machine_after)
+        .and_then(|(before, after)| procfs::machine_cpu(before, after));
+    let bench_micros_per_message = bench_before.zip(bench_after).map(|(before, after)| {
+        after.saturating_sub(before) as f64 / procfs::TICKS_PER_S * 1e6 / delivered.max(1) as f64
+    });
     let server_cpu = match (ticks_before, ticks_after) {
         (Some(before), Some(after)) => {
             Some(procfs::thread_cpu(&before, &after, delivered, elapsed))
@@ -145,11 +155,19 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
         sent: Percentiles::of(&recorder.sent),
         delivered_latency: Percentiles::of(&recorder.delivered),
         server_cpu,
+        machine,
+        bench_micros_per_message,
     };
     println!("  send->sent      {}", figures.sent.line());
     println!("  send->delivered {}", figures.delivered_latency.line());
     if let Some(cpu) = &figures.server_cpu {
         println!("  server CPU      {}", procfs::cpu_line(cpu));
+    }
+    if let Some(machine) = &figures.machine {
+        println!(
+            "  machine         {}",
+            procfs::machine_line(machine, figures.bench_micros_per_message)
+        );
     }
     RunResult::new("one-to-one", &args, &figures)
 }
@@ -167,6 +185,14 @@ struct Figures {
     /// `--server-pid`; a group that used less than a clock tick is left out).
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu: Option<Vec<ThreadCpu>>,
+    /// How the machine's CPUs spent the sending: on a shared virtual machine
+    /// a run that lost CPU to the host shows it here (from /proc/stat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    machine: Option<MachineCpu>,
+    /// The bench's own CPU per message while sending (its clients share the
+    /// machine with the server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bench_micros_per_message: Option<f64>,
 }
 
 /// Returns each pair's send interval and message count for `rate` messages per

@@ -1,5 +1,6 @@
-//! What the bench reads of a server process on this machine from /proc: its
-//! CPU time, whole and per thread.
+//! What the bench reads from /proc on this machine: a server process's CPU
+//! time, whole and per thread, and how the machine's CPUs spent a run (busy,
+//! idle, or taken by the host).
 
 use std::collections::BTreeMap;
 
@@ -118,6 +119,88 @@ pub(crate) fn cpu_line(cpu: &[ThreadCpu]) -> String {
     format!("{total:.1} µs a message: {}", groups.join(", "))
 }
 
+/// The machine's CPU time so far, over all its CPUs, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MachineTicks {
+    /// Running anything: user, nice, system, interrupts.
+    busy: u64,
+    /// Idle, waiting for I/O included.
+    idle: u64,
+    /// Taken by the hypervisor for other guests while this one had work
+    /// (`steal`).
+    stolen: u64,
+}
+
+/// Reads [`MachineTicks`] from /proc/stat; `None` where there is none.
+pub(crate) fn machine_ticks() -> Option<MachineTicks> {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// Returns [`MachineTicks`] from the text of /proc/stat: its first line,
+/// `cpu  user nice system idle iowait irq softirq steal ...` (guest time is
+/// counted in user already).
+fn parse_machine_ticks(stat: &str) -> Option<MachineTicks> {
+    let mut fields = stat.lines().next()?.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let mut next = || fields.next()?.parse::<u64>().ok();
+    let (user, nice, system, idle, iowait, irq, softirq) = (
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+    );
+    Some(MachineTicks {
+        busy: user + nice + system + irq + softirq,
+        idle: idle + iowait,
+        // Kernels before 2.6.11 have no steal column.
+        stolen: next().unwrap_or(0),
+    })
+}
+
+/// How the machine's CPUs spent a run, in percent of their time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct MachineCpu {
+    /// Running anything: the server, the bench, the kernel, other processes.
+    pub(crate) busy_percent: f64,
+    /// Idle.
+    pub(crate) idle_percent: f64,
+    /// Taken by the host for other guests: on a shared virtual machine, the
+    /// CPU this run wanted and did not get.
+    pub(crate) stolen_percent: f64,
+}
+
+/// Returns how the CPUs spent the time between `before` and `after`; `None`
+/// when no tick passed.
+pub(crate) fn machine_cpu(before: MachineTicks, after: MachineTicks) -> Option<MachineCpu> {
+    let busy = after.busy.saturating_sub(before.busy) as f64;
+    let idle = after.idle.saturating_sub(before.idle) as f64;
+    let stolen = after.stolen.saturating_sub(before.stolen) as f64;
+    let total = busy + idle + stolen;
+    (total > 0.0).then(|| MachineCpu {
+        busy_percent: 100.0 * busy / total,
+        idle_percent: 100.0 * idle / total,
+        stolen_percent: 100.0 * stolen / total,
+    })
+}
+
+/// Returns the line of the report for `machine`, with the bench's own CPU
+/// per message when known.
+pub(crate) fn machine_line(machine: &MachineCpu, bench_micros: Option<f64>) -> String {
+    let mut line = format!(
+        "{:.0} % busy, {:.0} % idle, {:.0} % taken by the host (steal)",
+        machine.busy_percent, machine.idle_percent, machine.stolen_percent
+    );
+    if let Some(micros) = bench_micros {
+        line.push_str(&format!("; the bench itself {micros:.1} µs a message"));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +284,51 @@ mod tests {
         );
         drop(stop);
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn machine_ticks_are_read_from_the_first_line_of_proc_stat() {
+        let stat = "cpu  100 5 20 300 10 1 4 60 0 0\ncpu0 50 2 10 150 5 0 2 30 0 0\nintr 1\n";
+        assert_eq!(
+            parse_machine_ticks(stat),
+            Some(MachineTicks {
+                busy: 130,
+                idle: 310,
+                stolen: 60
+            })
+        );
+        assert_eq!(parse_machine_ticks("intr 1\n"), None);
+        assert_eq!(parse_machine_ticks("cpu  1 2 x\n"), None);
+    }
+
+    #[test]
+    fn machine_cpu_is_in_percent_of_the_time_between_two_readings() {
+        let before = MachineTicks {
+            busy: 1_000,
+            idle: 500,
+            stolen: 10,
+        };
+        let after = MachineTicks {
+            busy: 1_170,
+            idle: 520,
+            stolen: 20,
+        };
+        let cpu = machine_cpu(before, after).unwrap();
+        assert_eq!(
+            (cpu.busy_percent, cpu.idle_percent, cpu.stolen_percent),
+            (85.0, 10.0, 5.0)
+        );
+        assert_eq!(
+            machine_line(&cpu, Some(27.24)),
+            "85 % busy, 10 % idle, 5 % taken by the host (steal); the bench itself 27.2 µs a message"
+        );
+        assert_eq!(machine_cpu(after, after), None);
+    }
+
+    /// This machine's /proc/stat is read (every Linux has one).
+    #[test]
+    fn this_machine_is_read() {
+        let ticks = machine_ticks().unwrap();
+        assert!(ticks.busy + ticks.idle > 0, "{ticks:?}");
     }
 }

@@ -214,6 +214,18 @@ fn server_cpu(groups: &Value) -> String {
     )
 }
 
+/// Returns `; machine N % busy, M % stolen` for the `machine` of a one-to-one
+/// run, or nothing when it has none.
+fn machine(machine: &Value) -> String {
+    match (
+        machine["busy_percent"].as_f64(),
+        machine["stolen_percent"].as_f64(),
+    ) {
+        (Some(busy), Some(stolen)) => format!("; machine {busy:.0} % busy, {stolen:.0} % stolen"),
+        _ => String::new(),
+    }
+}
+
 /// Returns one row of the suite table: scenario, what was asked, what came out.
 pub(crate) fn row(run: &Value) -> [String; 3] {
     let p = &run["parameters"];
@@ -234,7 +246,7 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
                 }
             ),
             format!(
-                "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms{}",
+                "{} msg/s delivered; send→delivered p50 {} / p90 {} / p99 {} / max {} ms; send→sent p99 {} ms{}{}",
                 whole(&f["delivered_per_s"]),
                 ms(&f["delivered_latency"]["p50_ms"]),
                 ms(&f["delivered_latency"]["p90_ms"]),
@@ -242,6 +254,7 @@ pub(crate) fn row(run: &Value) -> [String; 3] {
                 ms(&f["delivered_latency"]["max_ms"]),
                 ms(&f["sent"]["p99_ms"]),
                 server_cpu(&f["server_cpu"]),
+                machine(&f["machine"]),
             ),
         ),
         "group" => (
@@ -565,6 +578,19 @@ mod tests {
         ]);
         assert!(
             row(&run)[2].ends_with("; server CPU 50 µs/msg (busiest: confab-writer 30)"),
+            "{}",
+            row(&run)[2]
+        );
+    }
+
+    #[test]
+    fn a_one_to_one_row_names_the_machine_when_measured() {
+        let mut run = one_to_one(1, 500, 1.0, 3.0);
+        assert!(!row(&run)[2].contains("machine"));
+        run["figures"]["machine"] =
+            json!({ "busy_percent": 91.6, "idle_percent": 4.0, "stolen_percent": 4.4 });
+        assert!(
+            row(&run)[2].ends_with("; machine 92 % busy, 4 % stolen"),
             "{}",
             row(&run)[2]
         );
