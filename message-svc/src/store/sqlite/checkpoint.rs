@@ -156,7 +156,12 @@ fn checkpoint(conn: &Connection, restart_frames: i64) -> rusqlite::Result<i64> {
 /// Fails when the checkpoint fails; nothing is lost, the WAL only stays longer.
 pub(super) fn catch_up(conn: &Connection) -> rusqlite::Result<()> {
     metrics::counter!("confab_message_wal_catch_ups_total").increment(1);
-    checkpoint(conn, i64::MAX).map(drop)
+    let started = std::time::Instant::now();
+    let copied = checkpoint(conn, i64::MAX).map(drop);
+    // The writer's pause: every batch behind it waits this long.
+    metrics::histogram!("confab_message_wal_catch_up_seconds")
+        .record(started.elapsed().as_secs_f64());
+    copied
 }
 
 #[cfg(test)]
