@@ -132,9 +132,9 @@ pub(crate) async fn run(servers: &Servers, args: Args) -> anyhow::Result<RunResu
     let machine = machine_before
         .zip(machine_after)
         .and_then(|(before, after)| procfs::machine_cpu(before, after));
-    let bench_micros_per_message = bench_before.zip(bench_after).map(|(before, after)| {
-        after.saturating_sub(before) as f64 / procfs::TICKS_PER_S * 1e6 / delivered.max(1) as f64
-    });
+    let bench_micros_per_message = bench_before
+        .zip(bench_after)
+        .map(|(before, after)| procfs::micros_per_message(after.saturating_sub(before), delivered));
     let server_cpu = match (ticks_before, ticks_after) {
         (Some(before), Some(after)) => {
             Some(procfs::thread_cpu(&before, &after, delivered, elapsed))

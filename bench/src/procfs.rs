@@ -9,6 +9,11 @@ use serde::Serialize;
 /// Clock ticks per second of /proc/PID/stat (`USER_HZ`, 100 on Linux).
 pub(crate) const TICKS_PER_S: f64 = 100.0;
 
+/// Returns `ticks` of CPU time spread over `messages`, in microseconds each.
+pub(crate) fn micros_per_message(ticks: u64, messages: u64) -> f64 {
+    ticks as f64 / TICKS_PER_S * 1e6 / messages.max(1) as f64
+}
+
 /// Returns a process's user plus system CPU time in clock ticks.
 pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -92,13 +97,10 @@ pub(crate) fn thread_cpu(
     let mut used: Vec<(&str, u64)> = by_name.into_iter().filter(|&(_, t)| t > 0).collect();
     used.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     used.into_iter()
-        .map(|(name, ticks)| {
-            let cpu_seconds = ticks as f64 / TICKS_PER_S;
-            ThreadCpu {
-                threads: name.to_owned(),
-                micros_per_message: cpu_seconds * 1e6 / messages.max(1) as f64,
-                cores: cpu_seconds / seconds,
-            }
+        .map(|(name, ticks)| ThreadCpu {
+            threads: name.to_owned(),
+            micros_per_message: micros_per_message(ticks, messages),
+            cores: ticks as f64 / TICKS_PER_S / seconds,
         })
         .collect()
 }
